@@ -1,0 +1,34 @@
+# The two commands of the README: `make demo` and `make test`. Both create .venv here if needed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.adaptbir-installed
+
+.PHONY: install demo test test-slow lint clean
+
+install: $(STAMP)
+
+# torch/torchvision are pinned in the `export` extra (a bare `torch` would pull a multi-GB CUDA build);
+# pyiqa is installed --no-deps, since its declared dependencies include transformers, datasets, bitsandbytes...
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,test]'
+	$(PY) -m pip install --quiet --no-deps pyiqa==0.1.16
+	$(PY) tools/prune_pyiqa.py
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m adaptbir.export.demo
+
+test: $(STAMP) lint
+	$(PY) -m pytest
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""AdaptBIR export side: torch model definitions, checkpoint loading, ONNX/TensorRT export."""

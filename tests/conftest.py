@@ -1,0 +1,61 @@
+"""Shared fixtures: the reference golden data (../shared/reference) and the tiny model loaded from it.
+
+Every parity test logs its measured error through `parity`; the table is printed at the end of the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE = Path(os.environ.get("ADAPTBIR_REFERENCE", REPO.parent / "shared" / "reference"))
+
+_PARITY: list[tuple[str, float, float]] = []
+
+
+@pytest.fixture(scope="session")
+def reference() -> Path:
+    if not (REFERENCE / "tiny_stage3.safetensors").is_file():
+        pytest.fail(f"golden data not found in {REFERENCE} (set ADAPTBIR_REFERENCE)", pytrace=False)
+    return REFERENCE
+
+
+@pytest.fixture(scope="session")
+def golden(reference):
+    cache: dict[str, dict[str, np.ndarray]] = {}
+
+    def load(name: str) -> dict[str, np.ndarray]:
+        if name not in cache:
+            with np.load(reference / f"{name}.npz") as data:
+                cache[name] = {k: data[k] for k in data.files}
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def parity():
+    """`parity(case, actual, expected, atol)`: assert max |actual − expected| ≤ atol and log it."""
+
+    def check(case: str, actual, expected, atol: float) -> float:
+        actual = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
+        expected = np.asarray(expected, dtype=np.float64)
+        assert actual.shape == expected.shape, f"{case}: shape {actual.shape} != {expected.shape}"
+        err = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
+        _PARITY.append((case, err, atol))
+        assert err <= atol, f"{case}: max abs error {err:.3g} > {atol:.3g}"
+        return err
+
+    return check
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _PARITY:
+        return
+    terminalreporter.section("parity: max abs error per case")
+    for case, err, atol in _PARITY:
+        terminalreporter.write_line(f"{case:<58} {err:10.3g}  (tolerance {atol:.0e})")

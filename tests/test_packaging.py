@@ -1,0 +1,42 @@
+"""The environment `make` builds: pyiqa's MUSIQ imports without pyiqa's heavy dependency tree."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from adaptbir.export.config import PRESETS, load_config
+
+
+def test_pyiqa_musiq_arch_imports():
+    import pyiqa.archs.musiq_arch as musiq_arch
+
+    assert hasattr(musiq_arch, "MUSIQ")
+
+
+@pytest.mark.parametrize("name", ["transformers", "bitsandbytes", "datasets"])
+def test_heavy_pyiqa_dependencies_are_absent(name):
+    assert importlib.util.find_spec(name) is None, f"{name} is installed; pyiqa must be installed --no-deps"
+
+
+def test_pyiqa_stray_folders_are_pruned():
+    """pyiqa's wheel ships a top-level `tests/` (and build/, docs/...) that could shadow ours."""
+    dist = importlib.metadata.distribution("pyiqa")
+    stray = [f for f in dist.files or [] if f.parts[0] in {"tests", "build", "docs", "options", "ResultsCalibra"}]
+    left = [str(f) for f in stray if Path(dist.locate_file(f)).exists()]
+    assert not left, f"run tools/prune_pyiqa.py: {left[:3]}"
+
+
+def test_presets_ship_inside_the_package():
+    for name in PRESETS:
+        assert load_config(name).name == name
+
+
+def test_runtime_import_is_torch_free():
+    code = "import sys, adaptbir.runtime, adaptbir.runtime.errors; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
