@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtypes import cast
+
 
 class CrossAttention(nn.Module):
     """Multi-head attention with bias-free q/k/v; keys from `context` when given (else self-attention)."""
@@ -28,8 +30,9 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
         # Logits in float32 whatever the module dtype, as the reference forces: SD 2.x overflows in fp16.
-        logits = torch.bmm(q.float(), k.float().transpose(1, 2)) * self.scale
-        out = torch.bmm(logits.softmax(dim=-1).to(v.dtype), v)
+        f32 = torch.float32
+        logits = torch.bmm(cast(q, f32), cast(k, f32).transpose(1, 2)) * self.scale
+        out = torch.bmm(cast(logits.softmax(dim=-1), v.dtype), v)
         bh, n, d = out.shape
         out = out.reshape(bh // self.heads, self.heads, n, d).transpose(1, 2)
         return self.to_out(out.reshape(-1, n, self.heads * d))

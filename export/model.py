@@ -131,12 +131,17 @@ class DecoderGraph(nn.Module):
 class MusiqGraph(nn.Module):
     """patches [B,N,3072], spatial_idx, scale_idx [B,N] int64, mask [B,N] → score [B]."""
 
-    def __init__(self, model: AdaptBIR):
+    def __init__(self, musiq: MusiqScorer):
         super().__init__()
-        if model.musiq is None:
-            raise ValueError("this model has no MUSIQ weights")
-        self.musiq = model.musiq
+        self.musiq = musiq
 
     def forward(self, patches: torch.Tensor, spatial_idx: torch.Tensor, scale_idx: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
         return self.musiq(patches, spatial_idx, scale_idx, mask)
+
+
+def random_model(config: ModelConfig, seed: int) -> AdaptBIR:
+    """Seeded random weights in the exact real layout (PyTorch's default initialisation); no text tower,
+    so the context of a random build is seeded too."""
+    torch.manual_seed(seed)
+    return AdaptBIR(config, Capabilities(has_text_encoder=False)).eval()

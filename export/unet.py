@@ -14,13 +14,14 @@ from torch import nn
 
 from .attention import SpatialTransformer
 from .config import UNetConfig
+from .dtypes import cast
 
 
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (the reference upcasts)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return cast(super().forward(cast(x, torch.float32)), x.dtype)
 
 
 class TimestepEmbedding(nn.Module):
@@ -61,7 +62,7 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.in_layers(x)
-        h = h + self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        h = h + cast(self.emb_layers(emb), h.dtype)[:, :, None, None]
         return self.skip_connection(x) + self.out_layers(h)
 
 

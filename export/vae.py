@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .dtypes import cast
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +49,8 @@ class AttnBlock(nn.Module):
         q = self.q(h).reshape(b, c, hh * ww).transpose(1, 2)
         k = self.k(h).reshape(b, c, hh * ww)
         v = self.v(h).reshape(b, c, hh * ww)
-        weights = (torch.bmm(q.float(), k.float()) * (int(c) ** -0.5)).softmax(dim=2).to(v.dtype)
+        logits = torch.bmm(cast(q, torch.float32), cast(k, torch.float32)) * (int(c) ** -0.5)
+        weights = cast(logits.softmax(dim=2), v.dtype)
         out = torch.bmm(v, weights.transpose(1, 2)).reshape(b, c, hh, ww)
         return x + self.proj_out(out)
 

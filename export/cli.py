@@ -1,0 +1,116 @@
+"""`adaptbir-export`: build engine directories from checkpoints (or seeded random weights), and TensorRT plans.
+
+    adaptbir-export build --checkpoint CKPT [--control CKPT] [--restoration-vae CKPT] [--musiq CKPT]
+                          [--preset sd21|tiny | --config FILE.json] [--precision fp32|fp16]
+                          [--context FILE.npy] --out engines/NAME
+    adaptbir-export build --random-weights --seed 0 --preset tiny --out engines/tiny
+    adaptbir-export trt --engines engines/NAME [--shape 512x512 | --min HxW --opt HxW --max HxW]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from adaptbir.runtime.errors import AdaptBIRError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="export the ONNX engine directory")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="AdaptBIR stage-3 checkpoint, or an SD 2.1-base one")
+    source.add_argument("--random-weights", action="store_true", help="seeded random weights (tests, demos)")
+    build.add_argument("--control", type=Path, help="ControlNet + CSFT weights (override/complete --checkpoint)")
+    build.add_argument("--restoration-vae", type=Path, help="stage-1 VAE checkpoint for the restoration encoder")
+    build.add_argument("--musiq", type=Path, help="pyiqa's musiq_koniq_ckpt-e95806b9.pth")
+    config = build.add_mutually_exclusive_group()
+    config.add_argument("--preset", choices=("sd21", "tiny"), help="hyper-parameters (default sd21)")
+    config.add_argument("--config", type=Path, help="hyper-parameters from a JSON file (tiny_config.json schema)")
+    build.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of a random context")
+    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    build.add_argument("--context", type=Path, help="[1,77,C] .npy replacing the empty-prompt context")
+    build.add_argument("--musiq-n-max", type=int, help="largest MUSIQ token count the engines must serve")
+    build.add_argument("--out", type=Path, required=True, help="engine directory to write (engines/NAME)")
+
+    trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)")
+    trt.add_argument("--engines", type=Path, required=True)
+    trt.add_argument("--shape", help="one image size HxW (multiple of 64), e.g. 512x512")
+    trt.add_argument("--min", dest="min_shape", help="smallest image HxW of the profile")
+    trt.add_argument("--opt", dest="opt_shape", help="image HxW TensorRT optimises for")
+    trt.add_argument("--max", dest="max_shape", help="largest image HxW of the profile")
+    trt.add_argument("--batch", type=int, default=1, help="largest batch of the profile")
+    trt.add_argument("--workspace-gib", type=float, default=8.0)
+    return parser
+
+
+def _load(args):
+    from .checkpoint import gather, load_model
+    from .config import load_config
+    from .model import Capabilities, random_model
+
+    config = load_config(path=args.config) if args.config else load_config(args.preset or "sd21")
+    if args.random_weights:
+        from .checkpoint import LoadReport
+
+        model = random_model(config, args.seed)
+        caps = Capabilities(has_text_encoder=False)
+        notes = [f"random weights, seed {args.seed}: a noise-like output is expected"]
+        return config, model, LoadReport([f"random weights (seed {args.seed})"], caps, {}, {}, notes)
+    ckpts = gather(args.checkpoint, control=args.control, restoration_vae=args.restoration_vae, musiq=args.musiq)
+    model, report = load_model(config, ckpts)
+    return config, model, report
+
+
+def _build(args) -> None:
+    from .build import DEFAULT_N_MAX, build_engine_directory, empty_prompt_context
+
+    started = time.perf_counter()
+    config, model, report = _load(args)
+    print(report.summary())
+    context, source = empty_prompt_context(model.text_encoder, args.context, args.seed, config.context_dim)
+    manifest = build_engine_directory(
+        model, report, config, args.out, precision=args.precision, context=context, context_source=source,
+        n_max=args.musiq_n_max or DEFAULT_N_MAX,
+    )
+    print(summary_table(manifest))
+    print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s")
+
+
+def summary_table(manifest: dict) -> str:
+    rows = [f"{'file':<24} {'MiB':>9}  {'precision':<9} {'max abs':>10} {'PSNR dB':>8}  parity"]
+    for graph in manifest["graphs"].values():
+        size = sum(manifest["files"][f]["bytes"] for f in (graph["file"], graph.get("external_data")) if f)
+        p = graph["parity"]
+        psnr = "exact" if p["psnr_db"] is None else f"{p['psnr_db']:.1f}"
+        rows.append(f"{graph['file']:<24} {size / 2**20:>9.2f}  {graph['precision']:<9} {p['max_abs']:>10.2e} "
+                    f"{psnr:>8}  ok ({p['tolerance']})")
+    context = manifest["files"]["context.npy"]["bytes"]
+    rows.append(f"{'context.npy':<24} {context / 2**20:>9.2f}  {'fp32':<9} ({manifest['context']['source']})")
+    return "\n".join(rows)
+
+
+def _trt(args) -> None:
+    from .tensorrt import build_plans, profile_from_args
+
+    profile = profile_from_args(args.shape, args.min_shape, args.opt_shape, args.max_shape, args.batch)
+    for line in build_plans(args.engines, profile, workspace_gib=args.workspace_gib):
+        print(line)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"build": _build, "trt": _trt}[args.command](args)
+    except AdaptBIRError as err:
+        print(f"adaptbir-export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
