@@ -66,7 +66,8 @@ def export_onnx(component: Component, path: Path) -> onnx.ModelProto:
         # Shape arithmetic on fixed sizes (channels, the 32x32 patches) is traced as constants on purpose.
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
-        warnings.filterwarnings("ignore", message=".*shape_type_inference.*|.*ONNX shape inference.*")
+        warnings.filterwarnings("ignore", message=".*Constant folding.*|.*ONNX shape inference.*")
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         raw = Path(tmp) / spec.file
         torch.onnx.export(
             component.module.eval(), component.sample, str(raw), dynamo=False, opset_version=OPSET,
@@ -137,10 +138,12 @@ def to_fp16(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list[str
     model = lift_constants(model)
     keep = fp32_nodes(model)
     names = [n for names in keep.values() for n in names]
-    converted = float16.convert_float_to_float16(
-        model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP32_OP_TYPES),
-        node_block_list=names,
-    )
+    with warnings.catch_warnings():  # tiny weights clamped to fp16's smallest normal value: expected
+        warnings.filterwarnings("ignore", message=".*will be truncated to.*")
+        converted = float16.convert_float_to_float16(
+            model, keep_io_types=True, op_block_list=float16.DEFAULT_OP_BLOCK_LIST + list(FP32_OP_TYPES),
+            node_block_list=names,
+        )
     return converted, keep
 
 

@@ -1,0 +1,202 @@
+"""TensorRT plans from an engine directory (`adaptbir-export trt`).
+
+TensorRT 11 builds strongly typed networks only: precision comes from the ONNX graph itself, so an fp16
+plan is built from an fp16 engine directory as is (no builder precision flags). Each plan is stored under
+a cache key of ONNX sha256 + profile + flags + TensorRT version + GPU compute capability, recorded in the
+manifest, and reused while the key holds. A timing cache beside the plans speeds up rebuilds.
+
+Not validated on hardware: no development machine has TensorRT and a GPU together (see README).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.graphs import GraphSpec
+from adaptbir.runtime.manifest import MANIFEST, file_entry, load_manifest, write_json_atomic
+
+Size = tuple[int, int]
+Shape = tuple[int, ...]
+FLAGS = ("STRONGLY_TYPED",)
+TIMING_CACHE = "timing.cache"
+MUSIQ_FIXED_TOKENS = 193
+
+
+@dataclass(frozen=True)
+class ImageProfile:
+    """Image sizes (height × width, multiples of 64) and the largest batch a plan must serve."""
+
+    min: Size
+    opt: Size
+    max: Size
+    batch: int = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"min": "x".join(map(str, self.min)), "opt": "x".join(map(str, self.opt)),
+                "max": "x".join(map(str, self.max)), "batch": self.batch}
+
+
+def parse_size(text: str) -> Size:
+    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text or "")
+    if not match:
+        raise AdaptBIRError(f"image size {text!r} is not HxW (e.g. 512x512)")
+    h, w = int(match.group(1)), int(match.group(2))
+    if h <= 0 or w <= 0 or h % 64 or w % 64:
+        raise AdaptBIRError(f"image size {h}x{w} must be positive multiples of 64 (the runtime pads to 64)")
+    return h, w
+
+
+def profile_from_args(shape: str | None, min_shape: str | None, opt_shape: str | None, max_shape: str | None,
+                      batch: int = 1) -> ImageProfile:
+    ranged = (min_shape, opt_shape, max_shape)
+    if shape and any(ranged):
+        raise AdaptBIRError("give either --shape or --min/--opt/--max, not both")
+    if batch < 1:
+        raise AdaptBIRError(f"--batch must be at least 1, not {batch}")
+    if shape:
+        size = parse_size(shape)
+        return ImageProfile(size, size, size, batch)
+    if not all(ranged):
+        raise AdaptBIRError("give --shape HxW, or all three of --min, --opt and --max")
+    lo, mid, hi = (parse_size(s) for s in ranged)
+    if not all(a <= b <= c for a, b, c in zip(lo, mid, hi, strict=True)):
+        raise AdaptBIRError(f"profile sizes must grow: min {min_shape} <= opt {opt_shape} <= max {max_shape}")
+    return ImageProfile(lo, mid, hi, batch)
+
+
+def _native_tokens(size: Size) -> int:
+    return -(-size[0] // 32) * -(-size[1] // 32)
+
+
+def input_shapes(spec: GraphSpec, profile: ImageProfile, n_max: int) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of every input, resolving the symbolic dimensions of the description."""
+    n_opt = min(MUSIQ_FIXED_TOKENS + _native_tokens(profile.opt), n_max)
+    n_low = min(MUSIQ_FIXED_TOKENS + _native_tokens(profile.min), n_max)
+    by_level = {"min": (profile.min, 1, n_low), "opt": (profile.opt, 1, n_opt),
+                "max": (profile.max, profile.batch, n_max)}
+    shapes: dict[str, tuple[Shape, Shape, Shape]] = {}
+    for tensor in spec.inputs:
+        levels = []
+        for size, batch, n in by_level.values():
+            sizes = {"B": batch, "H": size[0], "W": size[1], "h": size[0] // 8, "w": size[1] // 8, "N": n}
+            levels.append(tuple(d if isinstance(d, int) else sizes[d] for d in tensor.dims))
+        shapes[tensor.name] = (levels[0], levels[1], levels[2])
+    return shapes
+
+
+def plan_key(onnx_sha256: str, shapes: dict[str, tuple[Shape, Shape, Shape]], trt_version: str,
+             compute_capability: str, flags: tuple[str, ...] = FLAGS) -> str:
+    blob = json.dumps({"onnx": onnx_sha256, "shapes": {k: [list(s) for s in v] for k, v in sorted(shapes.items())},
+                       "flags": sorted(flags), "tensorrt": trt_version, "gpu": compute_capability}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def import_tensorrt():
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise AdaptBIRError(
+            "TensorRT is not installed: install the gpu extra (pip install 'adaptbir[gpu]', TensorRT 11) on a "
+            "machine with an NVIDIA GPU"
+        ) from err
+    return tensorrt
+
+
+def gpu_compute_capability() -> str:
+    """Compute capability of GPU 0 ("9.0"), through cuda-python or nvidia-smi."""
+    try:
+        try:
+            from cuda.bindings import runtime as cudart
+        except ImportError:
+            from cuda import cudart
+        err, count = cudart.cudaGetDeviceCount()
+        if int(err) == 0 and count > 0:
+            err, prop = cudart.cudaGetDeviceProperties(0)
+            if int(err) == 0:
+                return f"{prop.major}.{prop.minor}"
+    except ImportError:
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        result = subprocess.run([smi, "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True,
+                                text=True, check=False)
+        if result.returncode == 0 and result.stdout.strip():
+            return result.stdout.strip().splitlines()[0]
+    raise AdaptBIRError("no NVIDIA GPU found (CUDA reports no device): TensorRT plans are built on the GPU they run on")
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _build_plan(trt, onnx_path: Path, shapes, workspace_gib: float, timing: bytes) -> tuple[bytes, bytes]:
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise AdaptBIRError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    config.set_timing_cache(config.create_timing_cache(timing), False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, mid, hi) in shapes.items():
+        profile.set_shape(name, lo, mid, hi)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise AdaptBIRError(f"TensorRT failed to build {onnx_path.name} (see the log above)")
+    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 8.0) -> Iterator[str]:
+    """Build (or reuse) one plan per graph; yields a progress line per graph and updates the manifest."""
+    manifest = load_manifest(engine_dir)
+    trt = import_tensorrt()
+    capability = gpu_compute_capability()
+    data = manifest.data
+    record = data.get("tensorrt", {})
+    plans = record.get("plans", {}) if record.get("version") == trt.__version__ else {}
+    cache_path = engine_dir / TIMING_CACHE
+    timing = cache_path.read_bytes() if cache_path.is_file() else b""
+    for name, graph in data["graphs"].items():
+        shapes = input_shapes(manifest.graph(name), profile, data["musiq"]["n_max"])
+        key = plan_key(data["files"][graph["file"]]["sha256"], shapes, trt.__version__, capability)
+        file = f"{name}.{key[:16]}.plan"
+        if plans.get(name, {}).get("key") == key and (engine_dir / file).is_file():
+            yield f"{name}: plan {file} up to date"
+            continue
+        plan, timing = _build_plan(trt, manifest.path(name), shapes, workspace_gib, timing)
+        _write_atomic(engine_dir / file, plan)
+        _write_atomic(cache_path, timing)
+        old = plans.get(name, {}).get("file")
+        if old and old != file:
+            (engine_dir / old).unlink(missing_ok=True)
+            data["files"].pop(old, None)
+        plans[name] = {"file": file, "key": key, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
+        data["files"][file] = file_entry(engine_dir / file)
+        yield f"{name}: built {file} ({len(plan) / 2**20:.1f} MiB)"
+    data["tensorrt"] = {"version": trt.__version__, "compute_capability": capability, "flags": list(FLAGS),
+                        "profile": profile.to_dict(), "timing_cache": TIMING_CACHE, "plans": plans}
+    write_json_atomic(engine_dir / MANIFEST, data)

@@ -1,0 +1,103 @@
+"""The TensorRT build path, everything that does not need a GPU: sizes, profiles, cache keys, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from adaptbir.export import tensorrt as trt_build
+from adaptbir.export.tensorrt import ImageProfile, input_shapes, parse_size, plan_key, profile_from_args
+from adaptbir.runtime import graphs
+from adaptbir.runtime.errors import AdaptBIRError
+
+
+@pytest.mark.parametrize("text,size", [("512x512", (512, 512)), ("768X1024", (768, 1024)), (" 64 x 128 ", (64, 128))])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text,message", [("500x512", "multiples of 64"), ("512", "not HxW"), ("0x64", "positive"),
+                                          ("axb", "not HxW")])
+def test_parse_size_errors(text, message):
+    with pytest.raises(AdaptBIRError, match=message):
+        parse_size(text)
+
+
+def test_profiles_from_arguments():
+    assert profile_from_args("512x512", None, None, None) == ImageProfile((512, 512), (512, 512), (512, 512), 1)
+    p = profile_from_args(None, "512x512", "768x768", "1024x1536", batch=2)
+    assert (p.min, p.opt, p.max, p.batch) == ((512, 512), (768, 768), (1024, 1536), 2)
+    for args, message in [(("512x512", "512x512", None, None), "not both"),
+                          ((None, "512x512", None, "1024x1024"), "all three"),
+                          ((None, "1024x1024", "512x512", "2048x2048"), "must grow"),
+                          ((None, None, None, None), "all three")]:
+        with pytest.raises(AdaptBIRError, match=message):
+            profile_from_args(*args)
+
+
+def test_input_shapes_resolve_every_symbolic_dimension():
+    profile = ImageProfile((512, 512), (512, 768), (1024, 1024), batch=2)
+    unet = input_shapes(graphs.UNET.resolved(C=1024), profile, n_max=4289)
+    assert unet["x"] == ((1, 4, 64, 64), (1, 4, 64, 96), (2, 4, 128, 128))
+    assert unet["t"] == ((1,), (1,), (2,))
+    assert unet["context"] == ((1, 77, 1024), (1, 77, 1024), (2, 77, 1024))
+    assert input_shapes(graphs.DUAL_ENCODER, profile, 4289)["image"][2] == (2, 3, 1024, 1024)
+    assert input_shapes(graphs.DECODER, profile, 4289)["latent"][0] == (1, 4, 64, 64)
+    musiq = input_shapes(graphs.MUSIQ, profile, n_max=4289)
+    assert musiq["patches"] == ((1, 193 + 256, 3072), (1, 193 + 384, 3072), (2, 4289, 3072))
+    assert musiq["mask"][1] == (1, 193 + 384)
+
+
+def test_plan_key_changes_with_every_ingredient():
+    shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 512), (512, 512)), 4289)
+    base = plan_key("a" * 64, shapes, "11.0.0", "9.0")
+    assert base == plan_key("a" * 64, dict(shapes), "11.0.0", "9.0")
+    other_shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 512), (1024, 1024)), 4289)
+    variants = [plan_key("b" * 64, shapes, "11.0.0", "9.0"), plan_key("a" * 64, other_shapes, "11.0.0", "9.0"),
+                plan_key("a" * 64, shapes, "11.1.0", "9.0"), plan_key("a" * 64, shapes, "11.0.0", "8.9"),
+                plan_key("a" * 64, shapes, "11.0.0", "9.0", flags=("STRONGLY_TYPED", "SPARSE_WEIGHTS"))]
+    assert len({base, *variants}) == 6
+
+
+def test_without_tensorrt_one_clear_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # import fails as when it is not installed
+    with pytest.raises(AdaptBIRError, match=r"TensorRT is not installed: install the gpu extra"):
+        trt_build.import_tensorrt()
+
+
+def test_without_gpu_one_clear_line(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cuda", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setattr(trt_build.shutil, "which", lambda name: None)
+    with pytest.raises(AdaptBIRError, match="no NVIDIA GPU found"):
+        trt_build.gpu_compute_capability()
+
+
+def test_trt_command_fails_cleanly_on_this_machine(reference, tmp_path):
+    """End to end through the CLI: a real engine directory, no TensorRT here → exit 2 and one line."""
+    from adaptbir.export.cli import main as export_main
+
+    out = tmp_path / "tiny"
+    assert export_main(["build", "--random-weights", "--preset", "tiny", "--out", str(out)]) == 0
+    result = subprocess.run([sys.executable, "-m", "adaptbir.export.cli", "trt", "--engines", str(out),
+                             "--shape", "512x512"], capture_output=True, text=True)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adaptbir-export: error: ")
+    assert ("TensorRT is not installed" in lines[0]) or ("no NVIDIA GPU" in lines[0])
+
+
+def test_fake_tensorrt_reaches_the_gpu_check(reference, tmp_path, monkeypatch):
+    """With TensorRT importable but no GPU, the error names the GPU (checked before any build)."""
+    from adaptbir.export.cli import main as export_main
+
+    out = tmp_path / "tiny"
+    assert export_main(["build", "--random-weights", "--preset", "tiny", "--out", str(out)]) == 0
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.0"))
+    monkeypatch.setattr(trt_build, "gpu_compute_capability",
+                        lambda: (_ for _ in ()).throw(AdaptBIRError("no NVIDIA GPU found (test)")))
+    with pytest.raises(AdaptBIRError, match="no NVIDIA GPU found"):
+        list(trt_build.build_plans(out, ImageProfile((512, 512), (512, 512), (512, 512))))
