@@ -38,6 +38,18 @@ def golden(reference):
 
 
 @pytest.fixture(scope="session")
+def tiny_engines(reference, tmp_path_factory) -> Path:
+    """fp32 engine directory exported from the golden tiny weights (built once per session)."""
+    from adaptbir.export.cli import main as export_main
+
+    out = tmp_path_factory.mktemp("engines") / "tiny-preset"
+    args = ["build", "--checkpoint", str(reference / "tiny_stage3.safetensors"),
+            "--musiq", str(reference / "musiq_random.safetensors"), "--preset", "tiny", "--out", str(out)]
+    assert export_main(args) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def parity():
     """`parity(case, actual, expected, atol)`: assert max |actual − expected| ≤ atol and log it."""
 

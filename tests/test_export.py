@@ -28,10 +28,11 @@ def _build(reference, out, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module", params=["preset", "config"])
-def tiny_fp32(request, reference, tmp_path_factory):
-    out = tmp_path_factory.mktemp("engines") / f"tiny-{request.param}"
-    how = ["--preset", "tiny"] if request.param == "preset" else ["--config", str(reference / "tiny_config.json")]
-    _build(reference, out, *how)
+def tiny_fp32(request, reference, tiny_engines, tmp_path_factory):
+    if request.param == "preset":
+        return tiny_engines  # the session's golden engines, built with --preset tiny
+    out = tmp_path_factory.mktemp("engines") / "tiny-config"
+    _build(reference, out, "--config", str(reference / "tiny_config.json"))
     return out
 
 

@@ -1,0 +1,78 @@
+"""Pre- and post-processing around the diffusion (reference `scale_auto`): SR pre-scale, short side up
+to 512, edge padding to a multiple of 64; then clip + truncate to uint8, crop, resize back."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from .errors import InputError
+
+MIN_SHORT_SIDE = 512
+PAD_MULTIPLE = 64
+MAX_PROCESSING_PIXELS = 8192 * 8192  # beyond this even tiled restoration is impractical: refuse clearly
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes (height, width) of one image through the pipeline."""
+
+    input: tuple[int, int]  # as read
+    processing: tuple[int, int]  # after SR pre-scale and short-side upscaling
+    padded: tuple[int, int]  # processing size edge-padded to a multiple of 64
+    output: tuple[int, int]  # what is written: input × sr_scale, or the processing size
+
+
+def _resize(rgb: np.ndarray, size_hw: tuple[int, int], resample: int) -> np.ndarray:
+    if rgb.shape[:2] == size_hw:
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), resample))
+
+
+def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: bool = True) -> Geometry:
+    if not sr_scale > 0:
+        raise InputError(f"sr_scale must be positive, not {sr_scale}")
+    h, w = (math.ceil(height * sr_scale), math.ceil(width * sr_scale)) if sr_scale != 1 else (height, width)
+    target = (h, w)
+    if min(h, w) < MIN_SHORT_SIDE:
+        ratio = MIN_SHORT_SIDE / min(h, w)
+        h, w = math.ceil(h * ratio), math.ceil(w * ratio)
+    padded = (-(-h // PAD_MULTIPLE) * PAD_MULTIPLE, -(-w // PAD_MULTIPLE) * PAD_MULTIPLE)
+    if padded[0] * padded[1] > MAX_PROCESSING_PIXELS:
+        raise InputError(
+            f"a {height}x{width} input becomes {padded[0]}x{padded[1]} for processing (the short side is raised "
+            f"to {MIN_SHORT_SIDE}, then × sr_scale), above the {MAX_PROCESSING_PIXELS // 2**20} Mpx limit; crop or "
+            "resize it first"
+        )
+    return Geometry((height, width), (h, w), padded, target if resize_back else (h, w))
+
+
+def prepare(rgb: np.ndarray, geometry: Geometry, sr_scale: float = 1.0) -> np.ndarray:
+    """uint8 HxWx3 → the padded uint8 image the models see (bicubic resizes, edge padding)."""
+    if sr_scale != 1:
+        rgb = _resize(rgb, (math.ceil(rgb.shape[0] * sr_scale), math.ceil(rgb.shape[1] * sr_scale)),
+                      Image.Resampling.BICUBIC)
+    rgb = _resize(rgb, geometry.processing, Image.Resampling.BICUBIC)
+    ph, pw = geometry.padded[0] - rgb.shape[0], geometry.padded[1] - rgb.shape[1]
+    return np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode="edge")
+
+
+def to_model_range(rgb_u8: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 → float32 [1,3,H,W] in [-1,1], computed as the reference: float64, then cast."""
+    x = (rgb_u8.astype(np.float64) / 255.0 * 2.0 - 1.0).astype(np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
+
+
+def to_uint8(decoded: np.ndarray) -> np.ndarray:
+    """float32 [1,3,H,W] nominally in [-1,1] → uint8 HxWx3: clip, then truncate (as the reference)."""
+    x = decoded[0].transpose(1, 2, 0).astype(np.float32) * np.float32(127.5) + np.float32(127.5)
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def finish(rgb_u8: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Crop the padding and resize (LANCZOS) to the output size."""
+    h, w = geometry.processing
+    return _resize(np.ascontiguousarray(rgb_u8[:h, :w]), geometry.output, Image.Resampling.LANCZOS)

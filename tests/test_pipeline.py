@@ -1,0 +1,161 @@
+"""The runtime pipeline end to end on the tiny engines: golden e2e, API, threads, tiling, failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptbir.runtime.errors import EngineError, InputError
+from adaptbir.runtime.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tiny_engines):
+    return Pipeline.from_engines(tiny_engines, threads=2)
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth synthetic photo (gradients + a few discs), uint8 HxWx3."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    img = np.stack([yy, xx, 1 - (yy + xx) / 2], axis=-1) * 200
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.05, 0.3) * max(h, w)
+        img[(np.mgrid[0:h, 0:w][0] - cy) ** 2 + (np.mgrid[0:h, 0:w][1] - cx) ** 2 < r * r] += rng.uniform(-60, 60, 3)
+    return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def test_end_to_end_golden(pipeline, golden, parity):
+    """pipeline_e2e.npz through the float-input entry point (steps 4-6 on an already padded image)."""
+    g = golden("pipeline_e2e")
+    pipeline = Pipeline(pipeline.engines, context=g["context"])  # the text-encoder stand-in of the golden
+    decision = pipeline.decide(float(g["musiq_score"]))
+    assert decision.k == float(g["k"]) and decision.w == pytest.approx(float(g["csft_w"]), abs=1e-15)
+    x = np.ascontiguousarray(g["control_img_hwc"].transpose(2, 0, 1)[None])
+    result = pipeline.restore_latent(x, decision, steps=int(g["steps"]), x_T=g["x_T"], noise=g["noise"])
+    parity("e2e final_latent_contract", result.final_latent, g["final_latent_contract"], 1e-3)
+    diff = np.abs(result.image_u8.astype(np.int16) - g["output_u8_contract"].astype(np.int16))
+    assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size, (diff.max(), np.count_nonzero(diff))
+
+
+def test_restore_returns_the_input_kind_and_size(pipeline):
+    photo = _photo(70, 90)
+    result = pipeline.restore(photo, seed=3, steps=2)
+    assert isinstance(result.image, np.ndarray) and result.image.shape == (70, 90, 3)
+    assert result.seed == 3 and result.steps == 2 and result.label in ("severe", "medium", "mild")
+    assert result.sizes == {"input": [70, 90], "processing": [512, 659], "padded": [512, 704], "output": [70, 90]}
+    stages = ("preprocess", "musiq", "encode", "sample", "decode", "postprocess", "total", "engine")
+    assert all(result.timings[f"{stage}_s"] >= 0 for stage in stages)
+    rgba = np.dstack([photo, np.full(photo.shape[:2], 77, np.uint8)])
+    out = pipeline.restore(rgba, seed=3, steps=2, score=55).image
+    assert out.shape == (70, 90, 4) and np.all(out[..., 3] == 77)
+    pil = pipeline.restore(Image.fromarray(photo), seed=3, steps=2, score=55, sr_scale=2).image
+    assert isinstance(pil, Image.Image) and pil.size == (180, 140)
+
+
+def test_same_seed_same_result_and_threads_agree(pipeline):
+    photos = [_photo(64, 64, seed=s) for s in range(3)]
+    sequential = [pipeline.restore(p, seed=s, steps=2, score=60).image for s, p in enumerate(photos)]
+    parallel: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        parallel[i] = pipeline.restore(photos[i], seed=i, steps=2, score=60).image
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(3):
+        np.testing.assert_array_equal(parallel[i], sequential[i])
+
+
+def test_gating_and_overrides(pipeline):
+    photo = _photo(64, 64)
+    measured = pipeline.restore(photo, seed=0, steps=2)
+    assert measured.score is not None and measured.score < 0  # random MUSIQ weights score negative
+    assert (measured.k, measured.w, measured.label) == (0.0, 0.0, "severe")
+    given = pipeline.restore(photo, seed=0, steps=2, score=80)
+    assert given.score is None and "musiq_s" not in given.timings
+    assert (given.k, given.w, given.label) == (0.7, pytest.approx(1.0), "mild")
+    custom = pipeline.restore(photo, seed=0, steps=2, score=50, k=0.3, w=0.9)
+    assert (custom.k, custom.w, custom.label) == (0.3, 0.9, "medium")
+
+
+def test_progress_is_called_per_step_and_may_cancel(pipeline):
+    calls = []
+    pipeline.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel(i, n):
+        raise Cancelled
+
+    with pytest.raises(Cancelled):
+        pipeline.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=cancel)
+
+
+def test_nan_output_is_a_clear_error(pipeline, monkeypatch):
+    session = pipeline.engines.sessions["decoder"]
+    monkeypatch.setattr(session, "run", lambda feeds: [np.full((1, 3, 512, 512), np.nan, np.float32)])
+    with pytest.raises(EngineError, match=r"decoder produced .* NaN/inf .* fp16 overflow"):
+        pipeline.restore(_photo(64, 64), seed=0, steps=2, score=50)
+
+
+def test_absurd_sizes_are_refused(pipeline):
+    with pytest.raises(InputError, match="above the 64 Mpx limit"):
+        pipeline.restore(np.zeros((2, 4096, 3), np.uint8), steps=2, score=50)
+
+
+def test_one_tile_equals_untiled(pipeline):
+    photo = _photo(512, 512)
+    untiled = pipeline.restore(photo, seed=1, steps=2, score=60, tile_size=0)
+    tiled = pipeline.restore(photo, seed=1, steps=2, score=60, tile_size=512)
+    assert not untiled.tiled and not tiled.tiled
+    np.testing.assert_array_equal(untiled.image, tiled.image)
+
+
+TILED_MIN_PSNR_DB = 20.0  # measured (see README, "Tiling"); random tiny weights make noise-like pictures
+
+
+def test_tiled_close_to_untiled_at_1024x768(pipeline):
+    photo = _photo(768, 1024)
+    untiled = pipeline.restore(photo, seed=2, steps=2, score=60, tile_size=0)
+    tiled = pipeline.restore(photo, seed=2, steps=2, score=60, tile_size=512)
+    assert tiled.tiled and not untiled.tiled
+    err = tiled.image.astype(np.float64) - untiled.image
+    psnr = 10 * np.log10(255**2 / np.mean(err**2))
+    print(f"tiled vs untiled 1024x768, 2 steps: PSNR {psnr:.1f} dB")
+    assert psnr >= TILED_MIN_PSNR_DB
+
+
+def test_runtime_imports_no_torch(tiny_engines, tmp_path):
+    """A fresh interpreter where torch cannot be imported restores an image through the API and the CLI."""
+    Image.fromarray(_photo(40, 60)).save(tmp_path / "in.png")
+    code = f"""
+import sys
+sys.modules["torch"] = None  # any `import torch` now raises ImportError
+import numpy as np
+from adaptbir.runtime import backends, cli, colorfix, gating, graphs, image_io, manifest, musiq_patches
+from adaptbir.runtime import pipeline, preprocess, sampler, tiling
+p = pipeline.Pipeline.from_engines({str(tiny_engines)!r})
+out = p.restore(np.zeros((40, 60, 3), np.uint8), seed=0, steps=2).image
+assert out.shape == (40, 60, 3)
+rc = cli.main(["restore", {str(tmp_path / "in.png")!r}, "-o", {str(tmp_path / "out")!r}, "--engines",
+               {str(tiny_engines)!r}, "--steps", "2", "--quiet"])
+assert rc == 0, rc
+assert sys.modules["torch"] is None
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "out" / "in.png").is_file()
