@@ -25,6 +25,13 @@ FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
 
 
+def _steps(text: str) -> int:
+    steps = int(text)
+    if not 2 <= steps <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 2 and 1000, not {steps}")
+    return steps
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir", description="AdaptBIR blind image restoration runtime")
     parser.add_argument("--version", action="version", version=f"adaptbir {__version__}")
@@ -35,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
     r.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "ort-trt", "trt"))
     r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores)")
-    r.add_argument("--steps", type=int, default=50, help="sampling steps (2..1000)")
+    r.add_argument("--steps", type=_steps, default=50, help="sampling steps (2..1000)")
     r.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
     r.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
     r.add_argument("--k", type=float, help="override the latent interpolation weight k")

@@ -1,0 +1,159 @@
+"""`adaptbir restore` / `adaptbir info` on the tiny engines: outputs, reports, bad inputs, policies."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptbir.runtime.cli import main
+
+STEPS = ["--steps", "2", "--quiet"]
+
+
+def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([yy * 255 / max(h - 1, 1), xx * 255 / max(w - 1, 1), np.full((h, w), 128.0)], -1)
+    return np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_restore_directory_tree_with_report(tiny_engines, tmp_path, capsys):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    Image.fromarray(_photo(40, 60)).save(src / "a.png")
+    Image.fromarray(_photo(30, 20, 1)).save(src / "sub" / "b.jpg", quality=90)
+    report = tmp_path / "report.jsonl"
+    rc = main(["restore", str(src), "-o", str(tmp_path / "out"), "--engines", str(tiny_engines), "--sr-scale", "2",
+               "--report", str(report), "--seed", "5", *STEPS])
+    assert rc == 0
+    assert Image.open(tmp_path / "out" / "a.png").size == (120, 80)  # input × SR scale, layout kept
+    assert Image.open(tmp_path / "out" / "sub" / "b.png").size == (40, 60)
+    records = _records(report)
+    assert [r["status"] for r in records] == ["ok", "ok"]
+    for r in records:
+        for field in ("input", "output", "score", "class", "k", "w", "seed", "steps", "sizes", "timings", "backend",
+                      "engine_id", "engines", "precision", "wall_s"):
+            assert field in r, field
+        assert r["seed"] == 5 and r["steps"] == 2 and r["backend"] == "ort-cpu"
+        assert r["warning"].startswith("negative MUSIQ score")
+    assert "restored 2, skipped 0, failed 0" in capsys.readouterr().err
+
+
+def _bad_inputs(folder: Path) -> dict[str, str | tuple[int, int]]:
+    """Each file and what must happen: an output size (w, h), or a fragment of the error message."""
+    folder.mkdir()
+    good = _photo(32, 48)
+    Image.fromarray(good).save(folder / "ok.png")
+    data = (folder / "ok.png").read_bytes()
+    (folder / "truncated.png").write_bytes(data[: len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not an image\n")
+    Image.fromarray(good[:1, :1]).save(folder / "one.png")
+    Image.fromarray(_photo(2, 4096)).save(folder / "strip.png")
+    Image.fromarray((np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)).save(folder / "deep16.png")
+    Image.fromarray(good).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.dstack([good, np.full((32, 48), 200, np.uint8)])).save(folder / "rgba.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    Image.fromarray(good).save(folder / "rotated.jpg", exif=exif.tobytes())
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")  # 400 Mpx: beyond Pillow's bomb limit
+    return {"ok.png": (48, 32), "truncated.png": "truncated", "empty.png": "empty",
+            "notes.png": "not a recognised image file",
+            "one.png": (1, 1), "strip.png": "above the 64 Mpx limit", "deep16.png": (48, 32), "cmyk.jpg": (48, 32),
+            "rgba.png": (48, 32), "rotated.jpg": (32, 48), "bomb.png": "decompression"}
+
+
+def test_bad_inputs_fail_clearly_and_the_batch_goes_on(tiny_engines, tmp_path, capsys):
+    expected = _bad_inputs(tmp_path / "in")
+    out, report = tmp_path / "out", tmp_path / "r.jsonl"
+    rc = main(["restore", str(tmp_path / "in"), "-o", str(out), "--engines", str(tiny_engines), "--score", "50",
+               "--report", str(report), *STEPS])
+    err = capsys.readouterr().err
+    assert rc == 1
+    records = {Path(r["input"]).name: r for r in _records(report)}
+    assert set(records) == set(expected)
+    for name, want in expected.items():
+        r = records[name]
+        if isinstance(want, tuple):
+            assert r["status"] == "ok", (name, r.get("error"))
+            assert Image.open(r["output"]).size == want, name
+        else:
+            assert r["status"] == "failed" and want.lower() in r["error"].lower(), (name, r.get("error"))
+            assert name in err and "Traceback" not in err
+    assert Image.open(out / "rgba.png").mode == "RGBA"
+    produced = sorted(p.name for p in out.iterdir())
+    assert produced == sorted(Path(n).with_suffix(".png").name for n, w in expected.items() if isinstance(w, tuple))
+    assert "failed 5 of 11" in err
+
+
+def test_engine_directory_errors_are_one_line(tiny_engines, tmp_path, capsys):
+    Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines",
+                 str(tmp_path / "missing"), *STEPS]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_engines, broken)
+    (broken / "musiq.onnx").write_bytes(b"x")
+    assert main(["info", str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "musiq.onnx does not match its recorded sha256" in err
+
+
+def test_on_exists_policies_and_inputs_never_overwritten(tiny_engines, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(_photo(24, 24)).save(folder / "a.png")
+    original = (folder / "a.png").read_bytes()
+    common = ["--engines", str(tiny_engines), "--score", "50", "--seed", "1", *STEPS]
+    assert main(["restore", str(folder / "a.png"), "-o", str(folder), *common]) == 0  # OUTDIR == input folder
+    assert (folder / "a.png").read_bytes() == original and (folder / "a-1.png").is_file()
+    out = tmp_path / "out"
+    assert main(["restore", str(folder / "a.png"), "-o", str(out), *common]) == 0
+    first = (out / "a.png").stat().st_mtime_ns
+    assert main(["restore", str(folder / "a.png"), "-o", str(out), *common, "--on-exists", "skip"]) == 0
+    assert (out / "a.png").stat().st_mtime_ns == first and not (out / "a-1.png").exists()
+    assert main(["restore", str(folder / "a.png"), "-o", str(out), *common, "--on-exists", "suffix"]) == 0
+    assert (out / "a-1.png").is_file()
+    assert main(["restore", str(folder / "a.png"), "-o", str(out), *common, "--on-exists", "overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a-1.png", "a.png"]
+
+
+def test_formats_and_options(tiny_engines, tmp_path):
+    Image.fromarray(_photo(64, 64)).save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--engines", str(tiny_engines), "--score", "75",
+                 "--format", "webp", "--quality", "80", "--no-resize-back", "--color-fix", "wavelet", *STEPS]) == 0
+    image = Image.open(out / "a.webp")
+    assert image.format == "WEBP" and image.size == (512, 512)
+
+
+@pytest.mark.parametrize("args,message", [(["--steps", "1"], "must be between 2 and 1000"),
+                                          (["--backend", "cuda"], "invalid choice")])
+def test_argument_errors(tiny_engines, tmp_path, capsys, args, message):
+    with pytest.raises(SystemExit) as info:
+        main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines), *args])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unavailable_backend_is_one_line(tiny_engines, tmp_path, capsys):
+    Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines),
+               "--backend", "ort-cuda", *STEPS])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0 and "onnxruntime-gpu" in err
+
+
+def test_info_prints_the_manifest(tiny_engines, capsys):
+    assert main(["info", str(tiny_engines)]) == 0
+    printed = capsys.readouterr().out
+    for fragment in ("preset tiny", "precision         fp32", "has_csft=yes", "unet", "musiq", "x[B, 4, h, w]"):
+        assert fragment in printed, fragment
