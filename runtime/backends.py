@@ -41,6 +41,8 @@ class OrtSession:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
+        # No CPU arena: it keeps every tile's peak forever; freeing to the allocator bounds RSS by one call.
+        options.enable_cpu_mem_arena = False
         try:
             self._session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
