@@ -1,0 +1,368 @@
+"""`adaptbir-bench`: per-stage latency of the runtime, its ratio to PyTorch eager, overhead and memory.
+
+    adaptbir-bench --preset tiny --runs 5 --compare torch          # random weights built on the fly
+    adaptbir-bench --preset sd21 --stages unet --size 512x512 --runs 3 --compare torch
+    adaptbir-bench --engines engines/sd21-fp16 --runs 5              # an existing directory (no torch)
+
+Warm-up runs, then N runs; each stage reports median, min and max. With `--compare torch` the same weights
+run through the torch modules (eager, same thread count) behind the same pipeline code, alternating with
+the runtime run by run, and the ratio runtime/torch is taken pair by pair. Results: a table, a JSON file
+and a PNG chart under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adaptbir.runtime.errors import AdaptBIRError
+
+STAGES = ("musiq", "dual_encoder", "unet_step", "loop", "decoder", "e2e")
+RESULTS = Path("benchmarks/results")
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adaptbir-bench", description=__doc__.split("\n\n")[0])
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--engines", type=Path, help="an existing engine directory")
+    source.add_argument("--preset", choices=("tiny", "sd21"), help="random weights of this preset, built on the fly")
+    source.add_argument("--checkpoint", type=Path, help="build engines from this checkpoint (sd21 hyper-parameters)")
+    p.add_argument("--musiq", type=Path, help="MUSIQ weights with --checkpoint")
+    p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="of engines built on the fly")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=50, help="sampling steps of the loop and end-to-end stages")
+    p.add_argument("--size", default="512x512", help="image HxW (multiples of 64; short side >= 512 avoids upscaling)")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--backend", default="ort-cpu")
+    p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
+    p.add_argument("--compare", choices=("torch",), help="alternate with torch eager on the same weights")
+    p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
+    p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
+    return p
+
+
+def _size(text: str) -> tuple[int, int]:
+    h, w = (int(v) for v in text.lower().split("x"))
+    if h % 64 or w % 64:
+        raise AdaptBIRError(f"--size {text}: height and width must be multiples of 64")
+    return h, w
+
+
+def _prepare(args) -> tuple[Path, Any]:
+    """The engine directory, and the torch model with the same weights (None for --engines)."""
+    if args.engines:
+        if args.compare:
+            raise AdaptBIRError("--compare torch needs --preset or --checkpoint: an engine directory holds no torch "
+                                "weights")
+        return args.engines, None
+    from adaptbir.export.build import build_engine_directory, empty_prompt_context
+    from adaptbir.export.checkpoint import LoadReport, gather, load_model
+    from adaptbir.export.config import load_config
+    from adaptbir.export.model import Capabilities, random_model
+
+    if args.preset:
+        config = load_config(args.preset)
+        model = random_model(config, 0)
+        report = LoadReport(["random weights (seed 0)"], Capabilities(has_text_encoder=False), {}, {}, [])
+        name = f"bench-{args.preset}-random-{args.precision}"
+    else:
+        config = load_config("sd21")
+        model, report = load_model(config, gather(args.checkpoint, musiq=args.musiq))
+        name = f"bench-{args.checkpoint.stem}-{args.precision}"
+    context, source = empty_prompt_context(model.text_encoder, None, 0, config.context_dim)
+    out = Path("engines") / name
+    print(f"engines: {out} ({source})", file=sys.stderr)
+    build_engine_directory(model, report, config, out, precision=args.precision, context=context,
+                           context_source=source, progress=lambda line: print(f"  {line}", file=sys.stderr))
+    return out, model
+
+
+# -------------------------------------------------------------------------------------------- stages
+
+
+class StageRunner:
+    """Callables per stage for one pipeline; all inputs are fixed so both sides see the same data."""
+
+    def __init__(self, pipeline, size: tuple[int, int], steps: int):
+        from adaptbir.runtime.musiq_patches import batch_feeds, extract_tokens
+        from adaptbir.runtime.preprocess import to_model_range
+        from adaptbir.runtime.sampler import Schedule
+
+        self.pipeline, self.steps = pipeline, steps
+        rng = np.random.default_rng(0)
+        self.photo = (rng.random((*size, 3)) * 255).astype(np.uint8)
+        self.image = to_model_range(self.photo)
+        h, w = size[0] // 8, size[1] // 8
+        self.latent = rng.standard_normal((1, 4, h, w), dtype=np.float32)
+        self.cond = rng.standard_normal((1, 4, h, w), dtype=np.float32)
+        self.musiq_feeds = batch_feeds([extract_tokens(self.photo)])
+        self.unet_feeds = {"x": self.latent, "t": np.array([500]), "context": pipeline.context,
+                           "cond": self.cond, "w": np.array([0.8], np.float32)}
+        cfg = pipeline.manifest.data["schedule"]
+        self.schedule = Schedule.create(steps, cfg["linear_start"], cfg["linear_end"], cfg["timesteps"])
+
+    def run(self, stage: str) -> dict[str, float]:
+        """Seconds of one execution of `stage`, plus engine time and overhead for e2e."""
+        from adaptbir.runtime.pipeline import Timings
+        from adaptbir.runtime.sampler import NoiseSource, sample
+
+        engines = self.pipeline.engines
+        start = time.perf_counter()
+        if stage == "musiq":
+            engines.run("musiq", self.musiq_feeds)
+        elif stage == "dual_encoder":
+            engines.run("dual_encoder", {"image": self.image})
+        elif stage == "unet_step":
+            engines.run("unet", self.unet_feeds)
+        elif stage == "loop":
+            timings = Timings()
+            eps = self.pipeline.eps_model(self.cond, 0.8, None, timings)
+            noise = NoiseSource(0, self.latent.shape)
+            sample(eps, noise.draw(), self.schedule, lambda i: noise.draw())
+        elif stage == "decoder":
+            engines.run("decoder", {"latent": self.latent})
+        elif stage == "e2e":
+            result = self.pipeline.restore(self.photo, seed=0, steps=self.steps, tile_size=0)
+            total = time.perf_counter() - start
+            engine = result.timings["engine_s"]
+            return {"s": total, "engine_s": engine, "overhead_s": total - engine}
+        else:
+            raise AdaptBIRError(f"unknown stage {stage!r}")
+        return {"s": time.perf_counter() - start}
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, runs: int,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    """Alternate the sides run by run (runtime, torch, runtime, torch, ...) for every stage."""
+    samples: dict[str, dict[str, list[dict[str, float]]]] = {s: {side: [] for side in runners} for s in stages}
+    for stage in stages:
+        for i in range(warmup + runs):
+            for side, runner in runners.items():
+                result = runner.run(stage)
+                if i >= warmup:
+                    samples[stage][side].append(result)
+            progress(f"{stage}: run {i + 1}/{warmup + runs}{' (warm-up)' if i < warmup else ''}")
+    out: dict[str, Any] = {}
+    for stage, by_side in samples.items():
+        entry: dict[str, Any] = {side: summarize([r["s"] for r in rs]) for side, rs in by_side.items()}
+        if stage == "e2e":
+            rt = by_side["runtime"]
+            entry["runtime"]["engine_median"] = statistics.median(r["engine_s"] for r in rt)
+            overhead = [r["overhead_s"] for r in rt]
+            entry["overhead"] = {**summarize(overhead),
+                                 "fraction_median": statistics.median(r["overhead_s"] / r["s"] for r in rt)}
+        if "torch" in by_side:
+            ratios = [a["s"] / b["s"] for a, b in zip(by_side["runtime"], by_side["torch"], strict=True)]
+            entry["ratio_runtime_over_torch"] = {**summarize(ratios), "pairs": ratios}
+        out[stage] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------- arithmetic
+
+
+def stage_flops(model, runner: StageRunner) -> dict[str, float]:
+    """FLOPs of each graph's torch module on the benchmark inputs (torch's FlopCounterMode)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from adaptbir.export.model import DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGraph
+
+    def count(module, *inputs) -> float:
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            module(*(torch.from_numpy(np.ascontiguousarray(x)) for x in inputs))
+        return float(counter.get_total_flops())
+
+    f = runner.unet_feeds
+    flops = {
+        "dual_encoder": count(DualEncoderGraph(model), runner.image),
+        "unet_step": count(UNetGraph(model), f["x"], f["t"], f["context"], f["cond"], f["w"]),
+        "decoder": count(DecoderGraph(model), runner.latent),
+    }
+    if model.musiq is not None:
+        m = runner.musiq_feeds
+        flops["musiq"] = count(MusiqGraph(model.musiq), m["patches"], m["spatial_idx"], m["scale_idx"], m["mask"])
+    flops["loop"] = flops["unet_step"] * runner.steps
+    flops["e2e"] = sum(flops.get(s, 0.0) for s in ("musiq", "dual_encoder", "loop", "decoder"))
+    return flops
+
+
+def matmul_peak(threads: int | None, n: int = 2048, repeats: int = 5) -> dict[str, float]:
+    """Best achieved GFLOP/s of a square matmul in fp32 and bf16 on this CPU (torch, same threads)."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        torch.mm(a, b)
+        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
+        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
+    return out
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend: str) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.probe", "--engines", str(engines), "--size", size,
+           "--steps", str(steps), "--backend", backend] + (["--threads", str(threads)] if threads else [])
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "probe failed"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------- output
+
+
+def table(report: dict[str, Any]) -> str:
+    stages, compare = report["stages"], "torch" in report["sides"]
+    head = f"{'stage':<14} {'runtime ms (median [min..max])':>34}"
+    if compare:
+        head += f" {'torch ms':>12} {'ratio':>7}"
+    if report.get("flops"):
+        head += f" {'GFLOP':>9} {'GFLOP/s':>9}"
+    lines = [head]
+    for stage, e in stages.items():
+        rt = e["runtime"]
+        row = f"{stage:<14} {rt['median'] * 1e3:>12.2f} [{rt['min'] * 1e3:>8.2f}..{rt['max'] * 1e3:>9.2f}]"
+        if compare:
+            row += f" {e['torch']['median'] * 1e3:>12.2f} {e['ratio_runtime_over_torch']['median']:>7.3f}"
+        if report.get("flops") and stage in report["flops"]:
+            gflop = report["flops"][stage] / 1e9
+            row += f" {gflop:>9.2f} {gflop / rt['median']:>9.1f}"
+        lines.append(row)
+    if "e2e" in stages:
+        o = stages["e2e"]["overhead"]
+        lines.append(f"runtime overhead (e2e wall - engine time): {o['median'] * 1e3:.2f} ms = "
+                     f"{o['fraction_median']:.3%} of end to end")
+    if report.get("matmul_peak"):
+        p = report["matmul_peak"]
+        lines.append(f"machine matmul peak (torch.mm 2048): fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
+                     f"bf16 {p['bf16_gflops']:.1f} GFLOP/s")
+    mem = report.get("memory", {})
+    if "peak_rss_mib" in mem:
+        lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
+                     + (f" = {mem['rss_over_fp32_weights']:.2f} x fp32 weights" if "rss_over_fp32_weights" in mem
+                        else ""))
+    lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in report["stages"] if s not in ("loop", "e2e")]
+    sides = report["sides"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        xs = [j + i * width for j in range(len(stages))]
+        axes[0].bar(xs, [report["stages"][s][side]["median"] * 1e3 for s in stages], width, label=side)
+    axes[0].set_xticks([j + width * (len(sides) - 1) / 2 for j in range(len(stages))], stages)
+    axes[0].set_ylabel("ms (median)")
+    axes[0].set_title("per stage")
+    axes[0].legend()
+    if "e2e" in report["stages"]:
+        for i, side in enumerate(sides):
+            axes[1].bar(i, report["stages"]["e2e"][side]["median"], label=side)
+        axes[1].set_xticks(range(len(sides)), sides)
+        axes[1].set_ylabel("s (median)")
+        axes[1].set_title(f"end to end, {report['settings']['steps']} steps")
+    fig.suptitle(f"{report['settings']['name']} — {report['settings']['size']}, {report['machine']['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------- main
+
+
+def run(args) -> dict[str, Any]:
+    from adaptbir.runtime.backends import Engines
+    from adaptbir.runtime.pipeline import Pipeline
+
+    size = _size(args.size)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        raise AdaptBIRError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    engines_dir, model = _prepare(args)
+    engines = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
+    if not engines.has("musiq") and "musiq" in stages:
+        stages.remove("musiq")
+    runners = {"runtime": StageRunner(Pipeline(engines), size, args.steps)}
+    if args.compare == "torch":
+        from adaptbir.export.torch_engines import TorchEngines
+
+        runners["torch"] = StageRunner(Pipeline(TorchEngines(engines.manifest, model, args.threads)), size, args.steps)
+    threads = args.threads or os.cpu_count()
+    report: dict[str, Any] = {
+        "settings": {"name": engines_dir.name, "engines": str(engines_dir), "size": args.size, "steps": args.steps,
+                     "runs": args.runs, "warmup": args.warmup, "backend": args.backend,
+                     "precision": engines.manifest.precision, "command": " ".join(["adaptbir-bench", *sys.argv[1:]])},
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "threads": threads, "python": platform.python_version()},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "sides": list(runners),
+        "stages": measure(runners, stages, args.warmup, args.runs, lambda m: print(f"  {m}", file=sys.stderr)),
+        "engine_bytes": {k: v["bytes"] for k, v in engines.manifest.data["files"].items()},
+    }
+    if model is not None:
+        report["flops"] = stage_flops(model, runners["runtime"])
+        report["matmul_peak"] = matmul_peak(args.threads)
+        report["fp32_weight_bytes"] = 4 * sum(p.numel() for p in model.parameters())
+    if not args.no_memory:
+        report["memory"] = peak_rss(engines_dir, args.size, args.steps, args.threads, args.backend)
+        if "peak_rss_mib" in report["memory"] and report.get("fp32_weight_bytes"):
+            report["memory"]["rss_over_fp32_weights"] = report["memory"]["peak_rss_mib"] * 2**20 / report[
+                "fp32_weight_bytes"]
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        report = run(args)
+    except AdaptBIRError as err:
+        print(f"adaptbir-bench: error: {err}", file=sys.stderr)
+        return 2
+    path = args.json or RESULTS / f"bench-{report['settings']['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    chart(report, path.with_suffix(".png"))
+    print(table(report))
+    print(f"results: {path} and {path.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Peak memory of the runtime alone: one end-to-end restore in a fresh, torch-free process.
+
+    python -m adaptbir.benchmarks.probe --engines DIR --size 512x512 --steps 50 [--threads T] [--backend B]
+
+Prints one JSON line: peak RSS (MiB), end-to-end seconds, and whether torch was importable (never).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+
+def main(argv: list[str] | None = None) -> None:
+    sys.modules["torch"] = None  # the runtime must not need it; any import would fail loudly here
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--engines", required=True)
+    parser.add_argument("--size", default="512x512")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--backend", default="ort-cpu")
+    args = parser.parse_args(argv)
+
+    import numpy as np
+
+    from adaptbir.runtime.pipeline import Pipeline
+
+    h, w = (int(s) for s in args.size.lower().split("x"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    start = time.perf_counter()
+    pipeline.restore(image, seed=0, steps=args.steps)
+    elapsed = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"peak_rss_mib": peak / 1024, "after_load_rss_mib": loaded / 1024,
+                      "before_load_rss_mib": before / 1024, "e2e_s": elapsed, "torch_loaded": False}))
+
+
+if __name__ == "__main__":
+    main()

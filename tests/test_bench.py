@@ -1,0 +1,33 @@
+"""adaptbir-bench on the tiny preset: every stage, the torch ratios and the overhead are reported.
+
+No timing thresholds here: benchmarks measure, tests check that the measurement is complete."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from adaptbir.benchmarks.bench import STAGES
+
+
+def test_bench_tiny_with_torch_comparison(tmp_path):
+    result_file = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--compare", "torch",
+           "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256"]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result_file.read_text())
+    assert report["sides"] == ["runtime", "torch"]
+    assert set(report["stages"]) == set(STAGES)
+    for stage, entry in report["stages"].items():
+        for side in ("runtime", "torch"):
+            assert entry[side]["median"] > 0 and entry[side]["min"] <= entry[side]["max"], (stage, side)
+        ratio = entry["ratio_runtime_over_torch"]
+        assert ratio["median"] > 0 and len(ratio["pairs"]) == 1
+    overhead = report["stages"]["e2e"]["overhead"]
+    assert overhead["median"] >= 0 and 0 <= overhead["fraction_median"] < 1
+    assert report["flops"]["unet_step"] > 0 and report["matmul_peak"]["fp32_gflops"] > 0
+    assert report["memory"]["peak_rss_mib"] > 0 and report["memory"]["torch_loaded"] is False
+    assert result_file.with_suffix(".png").stat().st_size > 0
+    assert "runtime overhead" in result.stdout and "ratio" in result.stdout
