@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--backend", default="ort-cpu")
     p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
-    p.add_argument("--compare", choices=("torch",), help="alternate with torch eager on the same weights")
+    p.add_argument("--compare", choices=("torch", "fp16"),
+                   help="torch: alternate with torch eager on the same weights; fp16: accuracy of fp16 vs fp32 engines")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
@@ -64,12 +65,13 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _prepare(args) -> tuple[Path, Any]:
+def _prepare(args, precision: str | None = None) -> tuple[Path, Any]:
     """The engine directory, and the torch model with the same weights (None for --engines)."""
+    precision = precision or args.precision
     if args.engines:
         if args.compare:
-            raise AdaptBIRError("--compare torch needs --preset or --checkpoint: an engine directory holds no torch "
-                                "weights")
+            raise AdaptBIRError(f"--compare {args.compare} needs --preset or --checkpoint: an engine directory holds "
+                                "no torch weights")
         return args.engines, None
     from adaptbir.export.build import build_engine_directory, empty_prompt_context
     from adaptbir.export.checkpoint import LoadReport, gather, load_model
@@ -80,15 +82,15 @@ def _prepare(args) -> tuple[Path, Any]:
         config = load_config(args.preset)
         model = random_model(config, 0)
         report = LoadReport(["random weights (seed 0)"], Capabilities(has_text_encoder=False), {}, {}, [])
-        name = f"bench-{args.preset}-random-{args.precision}"
+        name = f"bench-{args.preset}-random-{precision}"
     else:
         config = load_config("sd21")
         model, report = load_model(config, gather(args.checkpoint, musiq=args.musiq))
-        name = f"bench-{args.checkpoint.stem}-{args.precision}"
+        name = f"bench-{args.checkpoint.stem}-{precision}"
     context, source = empty_prompt_context(model.text_encoder, None, 0, config.context_dim)
     out = Path("engines") / name
     print(f"engines: {out} ({source})", file=sys.stderr)
-    build_engine_directory(model, report, config, out, precision=args.precision, context=context,
+    build_engine_directory(model, report, config, out, precision=precision, context=context,
                            context_source=source, progress=lambda line: print(f"  {line}", file=sys.stderr))
     return out, model
 
@@ -176,6 +178,56 @@ def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, run
             entry["ratio_runtime_over_torch"] = {**summarize(ratios), "pairs": ratios}
         out[stage] = entry
     return out
+
+
+# -------------------------------------------------------------------------------------- precision
+
+GATE_SCORES = (39.9, 40.0, 40.1, 69.9, 70.0, 70.1)
+
+
+def _psnr(actual: np.ndarray, expected: np.ndarray, peak: float | None = None) -> float | None:
+    err = np.asarray(actual, np.float64) - np.asarray(expected, np.float64)
+    mse = float(np.mean(err**2))
+    peak = float(np.ptp(expected)) if peak is None else peak
+    return None if mse == 0 else 10 * np.log10(peak**2 / mse)
+
+
+def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
+    """fp16 vs fp32 engine directories of the same weights on the same inputs."""
+    from adaptbir.runtime.backends import Engines
+    from adaptbir.runtime.gating import gate
+    from adaptbir.runtime.pipeline import Pipeline
+
+    pipelines = {}
+    for precision in ("fp32", "fp16"):
+        directory, _ = _prepare(args, precision)
+        pipelines[precision] = Pipeline(Engines.load(directory, backend=args.backend, threads=args.threads))
+    runner = StageRunner(pipelines["fp32"], size, args.steps)
+    graphs: dict[str, Any] = {}
+    calls = {"dual_encoder": {"image": runner.image}, "unet": runner.unet_feeds, "decoder": {"latent": runner.latent}}
+    if pipelines["fp32"].engines.has("musiq"):
+        calls["musiq"] = runner.musiq_feeds
+    for name, feeds in calls.items():
+        ref = pipelines["fp32"].engines.run(name, feeds)
+        low = pipelines["fp16"].engines.run(name, feeds)
+        graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in zip(low, ref, strict=True)),
+                        "psnr_db": min((_psnr(a, b) or float("inf")) for a, b in zip(low, ref, strict=True))}
+    images = {p: pipe.restore(runner.photo, seed=0, steps=args.steps, score=55).image for p, pipe in pipelines.items()}
+    scores = {}
+    for seed in range(4):  # a few different photos
+        photo = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
+        scores[seed] = {p: pipe.score(photo) for p, pipe in pipelines.items()}
+    shift = max(abs(v["fp16"] - v["fp32"]) for v in scores.values())
+    flips = [s for s in GATE_SCORES for d in (-shift, shift) if gate(s + d) != gate(s)]
+    return {
+        "graphs": graphs,
+        "final_image_psnr_db": _psnr(images["fp16"], images["fp32"], peak=255.0),
+        "final_image_max_abs_u8": int(np.abs(images["fp16"].astype(int) - images["fp32"]).max()),
+        "musiq_scores": scores, "musiq_max_abs_shift": shift,
+        "gate_flips_near_40_70": flips,
+        "musiq_graph_identical": pipelines["fp16"].manifest.data["files"]["musiq.onnx"]
+        == pipelines["fp32"].manifest.data["files"]["musiq.onnx"],
+    }
 
 
 # ------------------------------------------------------------------------------------- arithmetic
@@ -271,6 +323,17 @@ def table(report: dict[str, Any]) -> str:
                      + (f" = {mem['rss_over_fp32_weights']:.2f} x fp32 weights" if "rss_over_fp32_weights" in mem
                         else ""))
     lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))
+    if "fp16_vs_fp32" in report:
+        a = report["fp16_vs_fp32"]
+        lines.append("fp16 vs fp32 engines (same inputs):")
+        for name, g in a["graphs"].items():
+            psnr = "exact" if g["psnr_db"] in (None, float("inf")) else f"{g['psnr_db']:.1f} dB"
+            lines.append(f"  {name:<14} max abs {g['max_abs']:.3g}, PSNR {psnr}")
+        psnr = a["final_image_psnr_db"]
+        lines.append(f"  final image    PSNR {'exact' if psnr is None else f'{psnr:.1f} dB'} (uint8, "
+                     f"max {a['final_image_max_abs_u8']} levels)")
+        lines.append(f"  MUSIQ          max score shift {a['musiq_max_abs_shift']:.3g} (graph identical: "
+                     f"{a['musiq_graph_identical']}); gate flips near 40/70: {a['gate_flips_near_40_70'] or 'none'}")
     return "\n".join(lines)
 
 
@@ -317,6 +380,7 @@ def run(args) -> dict[str, Any]:
         raise AdaptBIRError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
     engines_dir, model = _prepare(args)
     engines = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
+    accuracy = precision_accuracy(args, size) if args.compare == "fp16" else None
     if not engines.has("musiq") and "musiq" in stages:
         stages.remove("musiq")
     runners = {"runtime": StageRunner(Pipeline(engines), size, args.steps)}
@@ -336,6 +400,8 @@ def run(args) -> dict[str, Any]:
         "stages": measure(runners, stages, args.warmup, args.runs, lambda m: print(f"  {m}", file=sys.stderr)),
         "engine_bytes": {k: v["bytes"] for k, v in engines.manifest.data["files"].items()},
     }
+    if accuracy is not None:
+        report["fp16_vs_fp32"] = accuracy
     if model is not None:
         report["flops"] = stage_flops(model, runners["runtime"])
         report["matmul_peak"] = matmul_peak(args.threads)

@@ -143,6 +143,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, help="warm-up runs of a single stage (default: 3; 2 dry)")
     p.add_argument("--precision", choices=("auto", "fp16", "fp32"), default="auto",
                    help="precision of the timed stages (auto: fp16 on CUDA; fp32 on cpu, where fp16 is emulated)")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads (default: 1 with --dry-run, which keeps it steady on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="weights seed (inputs use seed+1, noise seed+2)")
     p.add_argument("--out", type=Path, help="JSON file (default: $OUT/gpu_check.json, else benchmarks/results/)")
     args = p.parse_args(argv)
@@ -155,6 +157,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.loop_runs = args.loop_runs or (2 if dry else 3)
     args.warmup = args.warmup if args.warmup is not None else (2 if dry else 3)
     args.loop_warmup = min(args.warmup, 2 if dry else 1)
+    args.threads = args.threads or (1 if dry else None)
     if not 2 <= args.steps <= 1000:
         p.error("--steps must be between 2 and 1000")
     if args.out is None:
@@ -504,6 +507,8 @@ def render(data: Json) -> str:
                          f"{fmt_num(r['psnr_db'], '8.2f')} {fmt_num(r['ref_peak_to_peak'], '9.3f')} "
                          f"{r['nonfinite_fp16'] + r['nonfinite_fp32']:>8}")
         for name, r in acc.get("vae", {}).items():
+            if not isinstance(r, dict):
+                continue
             lines.append(f"   {name}: max abs {fmt_num(r['max_abs'], '.3e')}, PSNR {fmt_num(r['psnr_db'], '.2f')} dB, "
                          f"NaN/inf {r['nonfinite_fp16'] + r['nonfinite_fp32']}")
     else:
@@ -542,6 +547,15 @@ def render(data: Json) -> str:
     return "\n".join(lines)
 
 
+def show(data: Json) -> None:
+    """Print the summary; should the table itself fail, print the JSON rather than nothing."""
+    try:
+        text = render(data)
+    except Exception as err:
+        text = f"(table failed: {error_string(err)})\n" + json.dumps(data, indent=2, default=str)
+    print(text, flush=True)
+
+
 # ----------------------------------------------------------------------------------------------- main
 
 
@@ -560,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     torch.set_grad_enabled(False)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     config = load_config(args.preset)
     height, width = args.size
@@ -578,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             "dry_run": args.dry_run, "device": device, "preset": args.preset, "size": f"{height}x{width}",
             "latent": f"{height // 8}x{width // 8}", "batch": 1, "steps": args.steps, "runs": args.runs,
             "loop_runs": args.loop_runs, "warmup": args.warmup, "loop_warmup": args.loop_warmup,
+            "cpu_threads": torch.get_num_threads(),
             "seed": args.seed, "w": W_CSFT, "k": K_MIX, "context": [1, 77, config.context_dim],
             "accuracy_timesteps": list(ACCURACY_TIMESTEPS), "timed_precision": timed_precision,
             "tf32": False if cuda else None, "cudnn_benchmark": True if cuda else None,
@@ -616,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
     if "fp16" not in models:
         report.data["ok"] = False
         report.save()
-        print(render(report.data), flush=True)
+        show(report.data)
         return 1
 
     def accuracy() -> Json:
@@ -770,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     if cuda:
         report.data["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     report.save()
-    print(render(report.data), flush=True)
+    show(report.data)
     return 0 if report.data["ok"] else 1
 
 

@@ -31,3 +31,17 @@ def test_bench_tiny_with_torch_comparison(tmp_path):
     assert report["memory"]["peak_rss_mib"] > 0 and report["memory"]["torch_loaded"] is False
     assert result_file.with_suffix(".png").stat().st_size > 0
     assert "runtime overhead" in result.stdout and "ratio" in result.stdout
+
+
+def test_bench_fp16_accuracy_report(tmp_path):
+    result_file = tmp_path / "fp16.json"
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
+           "--compare", "fp16", "--stages", "unet_step", "--steps", "2", "--size", "256x256", "--no-memory",
+           "--json", str(result_file)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy = json.loads(result_file.read_text())["fp16_vs_fp32"]
+    assert set(accuracy["graphs"]) == {"dual_encoder", "unet", "decoder", "musiq"}
+    assert accuracy["graphs"]["musiq"]["max_abs"] == 0 and accuracy["musiq_graph_identical"]
+    assert accuracy["musiq_max_abs_shift"] == 0 and accuracy["gate_flips_near_40_70"] == []
+    assert accuracy["final_image_psnr_db"] is None or accuracy["final_image_psnr_db"] > 0
