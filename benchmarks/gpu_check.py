@@ -81,6 +81,17 @@ def finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def strict_json(value: Any) -> Any:
+    """NaN and inf (not JSON) become None, anywhere in the document."""
+    if isinstance(value, float):
+        return finite_or_none(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def error_string(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".strip()[:2000]
 
@@ -93,10 +104,13 @@ class Report:
         self.data.setdefault("errors", {})
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str, allow_nan=False) + "\n")
-        tmp.replace(self.path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps(strict_json(self.data), indent=2, default=str, allow_nan=False) + "\n")
+            tmp.replace(self.path)
+        except Exception as err:  # never lose the run over the file: the table still prints
+            log(f"cannot write {self.path}: {error_string(err)}")
 
     def section(self, name: str, fn: Callable[[], Any], *path: str) -> Any:
         """Run one section; its result (or its error string) goes under `path` (default: `name`)."""
@@ -146,7 +160,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads (default: 1 with --dry-run, which keeps it steady on a busy machine)")
     p.add_argument("--seed", type=int, default=0, help="weights seed (inputs use seed+1, noise seed+2)")
-    p.add_argument("--out", type=Path, help="JSON file (default: $OUT/gpu_check.json, else benchmarks/results/)")
+    p.add_argument("--out", type=Path, help="JSON file (default: gpu_check.json, gpu_check_dry_run.json with\n"
+                   "--dry-run, in $OUT when set, else in benchmarks/results/)")
     args = p.parse_args(argv)
     dry = args.dry_run
     args.device = args.device or ("cpu" if dry else "cuda")
@@ -333,9 +348,9 @@ class GraphedWorkload:
         self.work, self.emulate = work, emulate
         self.errors: dict[str, str] = {}
         self.image = work.image.clone()
-        self.x_in = work.x.to(work.dtype)
+        self.x_in = work.x.to(work.dtype, copy=True)  # copies: replays write into some of these buffers
         self.t_in = work.t_mid.clone()
-        self.latent_in = work.x.to(work.dtype)
+        self.latent_in = work.x.to(work.dtype, copy=True)
         # The sampler step reads and writes static buffers; the host copies t, coefficients and noise in.
         self.x_s = work.x.clone()
         self.t_s = work.t_all[:1].clone()
@@ -606,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
                           "(2 per MAC); loop = steps x unet_step; e2e = dual_encoder + loop + decoder",
         },
         "adaptbir_from": str(Path(sys.modules["adaptbir.export"].__file__).parent),
+        "adaptbir_resolved": str(Path(sys.modules["adaptbir.export"].__file__).resolve().parent),
     })
     if not Path(report.data["adaptbir_from"]).is_relative_to(shim):
         report.data["errors"]["imports"] = f"adaptbir.export was not imported from the shim {shim}"
@@ -666,6 +682,8 @@ def main(argv: list[str] | None = None) -> int:
     report.section("accuracy", accuracy)
     timed_model = models["fp16" if half_timed else "fp32"]
     work = Workload(torch, timed_model, timed_dtype, device, args.size, args.steps, args.seed)
+    report.data["settings"]["unet_step_t"] = work.timesteps[len(work.timesteps) // 2]
+    report.data["settings"]["loop_timesteps"] = work.timesteps
 
     def timed(fn: Callable[[], Any], stage: str) -> Json:
         long = stage in ("loop", "e2e")
