@@ -142,7 +142,7 @@ def _restore(args) -> int:
         except (AdaptBIRError, OSError, ValueError) as err:
             failures.append((str(job.source), str(err)))
             record.update(status="failed", error=str(err))
-            images.write(f"adaptbir: {job.source}: {err}")
+            images.write(f"adaptbir: {job.source}: {err}", file=sys.stderr)
         record["wall_s"] = round(time.perf_counter() - started, 6)
         _report(args.report, record)
         images.update(1)

@@ -167,15 +167,16 @@ LARGE_PEAK_RSS_MIB = 1536  # measured ~0.9 GiB (README, "Tiling"); the untiled r
 def test_2048x1536_restores_tiled_within_a_memory_bound(tiny_engines):
     """A fresh torch-free process restores a 2048x1536 photo tiled; its peak RSS stays under the bound."""
     code = f"""
-import resource, sys
+import sys
 sys.modules["torch"] = None
 import numpy as np
+from adaptbir.benchmarks.probe import peak_rss_mib
 from adaptbir.runtime.pipeline import Pipeline
 p = Pipeline.from_engines({str(tiny_engines)!r})
 image = (np.random.default_rng(0).random((1536, 2048, 3)) * 255).astype(np.uint8)
 r = p.restore(image, seed=0, steps=2)
 assert r.tiled and r.image.shape == (1536, 2048, 3), (r.tiled, r.image.shape)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(peak_rss_mib())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
