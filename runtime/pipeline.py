@@ -237,6 +237,18 @@ class Pipeline:
                 decoded = apply_color_fix(decoded, self.decode(cond, tiled, timings), color_fix)
         return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, tiled is not None)
 
+    def restore_float(self, x: np.ndarray, *, score: float | None = None, k: float | None = None,
+                      w: float | None = None, **options: Any) -> LatentResult:
+        """Steps 3–6 on an already padded float image x [1,3,H,W] in [-1,1]: score (unless given), gate,
+        encode and mix, sample, decode. `options` go to `restore_latent` (steps, seed, x_T, noise, ...)."""
+        timings = options.setdefault("timings", Timings())
+        if score is None:
+            # MUSIQ reads the uint8 image; this inverts `to_model_range` exactly for uint8-born inputs
+            u8 = np.clip(np.rint((x[0].transpose(1, 2, 0).astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+            with timings.stage("musiq"):
+                score = self.score(u8, timings)
+        return self.restore_latent(x, self.decide(score, k, w), **options)
+
     def restore(self, image: np.ndarray | Image.Image | LoadedImage, *, seed: int | None = None, steps: int = 50,
                 score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
                 resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,

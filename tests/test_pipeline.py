@@ -34,16 +34,24 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def test_end_to_end_golden(pipeline, golden, parity):
-    """pipeline_e2e.npz through the float-input entry point (steps 4-6 on an already padded image)."""
+    """pipeline_e2e.npz through the float-input entry point (steps 3-6 on an already padded image)."""
     g = golden("pipeline_e2e")
     pipeline = Pipeline(pipeline.engines, context=g["context"])  # the text-encoder stand-in of the golden
     decision = pipeline.decide(float(g["musiq_score"]))
     assert decision.k == float(g["k"]) and decision.w == pytest.approx(float(g["csft_w"]), abs=1e-15)
     x = np.ascontiguousarray(g["control_img_hwc"].transpose(2, 0, 1)[None])
-    result = pipeline.restore_latent(x, decision, steps=int(g["steps"]), x_T=g["x_T"], noise=g["noise"])
+    result = pipeline.restore_float(x, score=float(g["musiq_score"]), steps=int(g["steps"]), x_T=g["x_T"],
+                                    noise=g["noise"])
+    assert (result.gate.k, result.gate.w) == (decision.k, decision.w)
     parity("e2e final_latent_contract", result.final_latent, g["final_latent_contract"], 1e-3)
     diff = np.abs(result.image_u8.astype(np.int16) - g["output_u8_contract"].astype(np.int16))
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size, (diff.max(), np.count_nonzero(diff))
+    measured = pipeline.restore_float(x, steps=2, seed=0)  # without a score, MUSIQ runs on the image
+    assert measured.gate.score == pytest.approx(pipeline.score(_to_u8(g["control_img_hwc"])), abs=0)
+
+
+def _to_u8(hwc: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint((hwc.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
 
 
 def test_restore_returns_the_input_kind_and_size(pipeline):
