@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import platform
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -22,6 +20,7 @@ import onnx
 import torch
 
 from adaptbir.runtime import __version__
+from adaptbir.runtime.atomic import atomic_write
 from adaptbir.runtime.errors import AdaptBIRError, EngineError
 from adaptbir.runtime.gating import RULE
 from adaptbir.runtime.manifest import (
@@ -153,10 +152,7 @@ def _export_graph(component: Component, out: Path, precision: str, key: str) -> 
 
 
 def _save_context(out: Path, context: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".context.", suffix=".npy")
-    os.close(fd)
-    np.save(tmp, context)
-    os.replace(tmp, out / CONTEXT_FILE)
+    atomic_write(out / CONTEXT_FILE, lambda f: np.save(f, context))
 
 
 def build_engine_directory(

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptbir.runtime.atomic import atomic_write
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GraphSpec
 from adaptbir.runtime.manifest import MANIFEST, file_entry, load_manifest, write_json_atomic
@@ -163,13 +162,6 @@ def _build_plan(trt, onnx_path: Path, shapes, workspace_gib: float, timing: byte
     return bytes(serialized), bytes(config.get_timing_cache().serialize())
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 8.0) -> Iterator[str]:
     """Build (or reuse) one plan per graph; yields a progress line per graph and updates the manifest."""
     manifest = load_manifest(engine_dir)
@@ -188,8 +180,8 @@ def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 
             yield f"{name}: plan {file} up to date"
             continue
         plan, timing = _build_plan(trt, manifest.path(name), shapes, workspace_gib, timing)
-        _write_atomic(engine_dir / file, plan)
-        _write_atomic(cache_path, timing)
+        atomic_write(engine_dir / file, lambda f, p=plan: f.write(p))
+        atomic_write(cache_path, lambda f, t=timing: f.write(t))
         old = plans.get(name, {}).get("file")
         if old and old != file:
             (engine_dir / old).unlink(missing_ok=True)

@@ -22,9 +22,7 @@ passed on, written atomically (temporary file in the same directory, then `os.re
 
 from __future__ import annotations
 
-import functools
 import os
-import tempfile
 import threading
 import warnings
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
+from .atomic import atomic_write
 from .errors import InputError
 
 ORIENTATION = 0x0112
@@ -355,20 +354,6 @@ def resize_alpha(alpha: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- writing
 
 
-@functools.cache
-def _new_file_mode() -> int:
-    """0o666 minus the umask, as open() would create it; mkstemp makes 0o600 files instead.
-
-    Read from /proc rather than os.umask(), which would change the process's umask for a moment."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
-
-
 def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
                 exif: bytes | None = None, fmt: str = "png", quality: int = 95) -> None:
     """Write atomically as png, jpg/jpeg or webp: a dot-named temporary file, then os.replace.
@@ -394,16 +379,4 @@ def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None,
     if exif:
         options["exif"] = exif
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            image.save(fh, format=pil_format, **options)
-            fh.flush()
-            os.fsync(fh.fileno())  # the rename must not land before the data does
-        os.chmod(tmp, _new_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(Path(path), lambda f: image.save(f, format=pil_format, **options))

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .atomic import atomic_write
 from .errors import EngineError
 from .graphs import GraphSpec, TensorSpec
 
@@ -43,16 +42,8 @@ def schema() -> dict[str, Any]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON next to its destination, then rename: a reader never sees half a manifest."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """A reader never sees half a manifest."""
+    atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
 @dataclass
