@@ -259,19 +259,39 @@ def stage_flops(model, runner: StageRunner) -> dict[str, float]:
     return flops
 
 
-def matmul_peak(threads: int | None, n: int = 2048, repeats: int = 5) -> dict[str, float]:
-    """Best achieved GFLOP/s of a square matmul in fp32 and bf16 on this CPU (torch, same threads)."""
+def matmul_peak(threads: int | None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> dict[str, Any]:
+    """Best achieved GFLOP/s of a square matmul on this CPU with the same thread count: fp32 through torch
+    (oneDNN/MKL) and through ONNX Runtime's MatMul (MLAS, what the engines use), bf16 through torch."""
+    import onnxruntime as ort
     import torch
+    from onnx import TensorProto, helper
 
     if threads:
         torch.set_num_threads(threads)
-    out = {}
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        torch.mm(a, b)
-        best = min(_timed(lambda a=a, b=b: torch.mm(a, b)) for _ in range(repeats))
-        out[f"{name}_gflops"] = 2 * n**3 / best / 1e9
-    return out
+    best: dict[str, float] = {}
+
+    def record(key: str, n: int, fn: Callable[[], object]) -> None:
+        fn()
+        seconds = min(_timed(fn) for _ in range(repeats))
+        best[key] = max(best.get(key, 0.0), 2 * n**3 / seconds / 1e9)
+
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    for n in sizes:
+        for name, dtype in (("torch_fp32", torch.float32), ("torch_bf16", torch.bfloat16)):
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            record(name, n, lambda a=a, b=b: torch.mm(a, b))
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "mm",
+                                  [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in "ab"}
+        record("ort_fp32", n, lambda s=session, f=feeds: s.run(None, f))
+    return {**{f"{k}_gflops": v for k, v in best.items()},
+            "fp32_gflops": max(best["torch_fp32"], best["ort_fp32"]), "bf16_gflops": best["torch_bf16"],
+            "sizes": list(sizes)}
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -315,8 +335,9 @@ def table(report: dict[str, Any]) -> str:
                      f"{o['fraction_median']:.3%} of end to end")
     if report.get("matmul_peak"):
         p = report["matmul_peak"]
-        lines.append(f"machine matmul peak (torch.mm 2048): fp32 {p['fp32_gflops']:.1f} GFLOP/s, "
-                     f"bf16 {p['bf16_gflops']:.1f} GFLOP/s")
+        lines.append(f"machine matmul peak (square matmul, n in {p['sizes']}): fp32 {p['fp32_gflops']:.1f} GFLOP/s "
+                     f"(torch {p['torch_fp32_gflops']:.1f}, ONNX Runtime {p['ort_fp32_gflops']:.1f}), "
+                     f"bf16 {p['bf16_gflops']:.1f} GFLOP/s (torch)")
     mem = report.get("memory", {})
     if "peak_rss_mib" in mem:
         lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
