@@ -31,6 +31,7 @@ from adaptbir.runtime.manifest import (
     load_manifest,
     write_json_atomic,
 )
+from adaptbir.runtime.musiq_patches import FIXED_TOKENS, token_count
 
 from .checkpoint import LoadReport
 from .components import Component, components
@@ -38,8 +39,7 @@ from .config import ModelConfig
 from .onnx_export import FP32_OP_TYPES, OPSET, check_parity, export_onnx, save_onnx, to_fp16
 from .text_encoder import TextEncoder
 
-MUSIQ_FIXED_TOKENS = 193
-DEFAULT_N_MAX = MUSIQ_FIXED_TOKENS + 64 * 64  # native patches of a 2048x2048 (padded) image
+DEFAULT_N_MAX = token_count(2048, 2048)  # MUSIQ tokens of a 2048x2048 (padded) image
 CONTEXT_FILE = "context.npy"
 
 
@@ -102,13 +102,16 @@ def empty_prompt_context(model_text: TextEncoder | None, context_file: Path | No
     return rng.standard_normal((1, 77, width), dtype=np.float32), f"random, seed {seed}"
 
 
-def _previous(out: Path) -> dict[str, Any]:
+def _previous(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Graphs and file records of the directory's current manifest; empty when there is none (or an old or
+    foreign one: then everything is rebuilt)."""
     if not (out / MANIFEST).is_file():
-        return {}
+        return {}, {}
     try:
-        return load_manifest(out, verify=False).data.get("graphs", {})
+        data = load_manifest(out, verify=False).data
     except EngineError:
-        return {}  # an old or foreign manifest: rebuild everything
+        return {}, {}
+    return data["graphs"], data["files"]
 
 
 def _reusable(out: Path, previous: dict[str, Any], name: str, key: str, files: dict[str, Any]) -> bool:
@@ -163,11 +166,11 @@ def build_engine_directory(
     """Export every graph of `model` into `out` and write the manifest; returns the manifest."""
     if precision not in ("fp32", "fp16"):
         raise AdaptBIRError(f"precision must be fp32 or fp16, not {precision!r}")
-    if n_max < MUSIQ_FIXED_TOKENS + 1:
-        raise AdaptBIRError(f"--musiq-n-max must be at least {MUSIQ_FIXED_TOKENS + 1}")
+    if n_max < FIXED_TOKENS + 1:
+        raise AdaptBIRError(f"--musiq-n-max must be at least {FIXED_TOKENS + 1}")
     out.mkdir(parents=True, exist_ok=True)
     tools = tool_versions()
-    previous, old_files = _previous(out), _old_files(out)
+    previous, old_files = _previous(out)
     _save_context(out, context)
     results = []
     comps = components(model, torch.from_numpy(context))
@@ -183,13 +186,6 @@ def build_engine_directory(
     manifest = _manifest(config, report, out, precision, context, context_source, n_max, tools, results)
     write_json_atomic(out / MANIFEST, manifest)
     return manifest
-
-
-def _old_files(out: Path) -> dict[str, Any]:
-    try:
-        return json.loads((out / MANIFEST).read_text()).get("files", {})
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def _manifest(config: ModelConfig, report: LoadReport, out: Path, precision: str, context: np.ndarray,
@@ -216,7 +212,7 @@ def _manifest(config: ModelConfig, report: LoadReport, out: Path, precision: str
         "gating": dict(RULE),
         "capabilities": report.capabilities.to_dict(),
         "musiq": {
-            "n_max": n_max, "n_min": MUSIQ_FIXED_TOKENS + 1, "patch_size": config.musiq.patch_size,
+            "n_max": n_max, "n_min": FIXED_TOKENS + 1, "patch_size": config.musiq.patch_size,
             "longer_side_lengths": list(config.musiq.longer_side_lengths),
             "spatial_pos_grid_size": config.musiq.spatial_pos_grid_size,
         },

@@ -11,6 +11,7 @@ from torch import nn
 
 from adaptbir.runtime import graphs
 from adaptbir.runtime.graphs import GraphSpec
+from adaptbir.runtime.musiq_patches import FIXED_TOKENS
 
 from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGraph
 
@@ -20,7 +21,6 @@ from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGra
 SAMPLE_IMAGE = (256, 256)
 SAMPLE_BATCH = 2
 MUSIQ_SAMPLE_NATIVE = 64  # native-resolution patches of a 256x256 image
-MUSIQ_FIXED_TOKENS = 49 + 144  # the 224 and 384 scales, padded or cut to these counts
 
 # fp32: absolute error on latents, eps and images (DESIGN: 1e-4), and on the 0–100 MUSIQ score.
 FP32_ATOL = {"dual_encoder": 1e-4, "unet": 1e-4, "decoder": 1e-4, "musiq": 1e-3}
@@ -48,13 +48,13 @@ class Component:
 
 def musiq_sample(batch: int, native: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """A token set shaped like a real one: 49 + 144 resized-scale slots (some masked), then native patches."""
-    n = MUSIQ_FIXED_TOKENS + native
+    n = FIXED_TOKENS + native
     patches = torch.rand(batch, n, graphs.PATCH_VALUES, generator=generator) * 2 - 1
     spatial = torch.randint(0, 100, (batch, n), generator=generator)
     scale = torch.cat([torch.full((batch, 49), 0), torch.full((batch, 144), 1), torch.full((batch, native), 2)], 1)
     mask = torch.ones(batch, n)
     mask[:, 30:49] = 0  # a non-square image leaves the padded slots of a resized scale empty
-    mask[:, 49 + 120 : 193] = 0
+    mask[:, 49 + 120 : FIXED_TOKENS] = 0
     patches[mask == 0] = 0
     return patches, spatial, scale, mask
 

@@ -24,12 +24,12 @@ from adaptbir.runtime.atomic import atomic_write
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GraphSpec
 from adaptbir.runtime.manifest import MANIFEST, file_entry, load_manifest, write_json_atomic
+from adaptbir.runtime.musiq_patches import token_count
 
 Size = tuple[int, int]
 Shape = tuple[int, ...]
 FLAGS = ("STRONGLY_TYPED",)
 TIMING_CACHE = "timing.cache"
-MUSIQ_FIXED_TOKENS = 193
 
 
 @dataclass(frozen=True)
@@ -74,14 +74,10 @@ def profile_from_args(shape: str | None, min_shape: str | None, opt_shape: str |
     return ImageProfile(lo, mid, hi, batch)
 
 
-def _native_tokens(size: Size) -> int:
-    return -(-size[0] // 32) * -(-size[1] // 32)
-
-
 def input_shapes(spec: GraphSpec, profile: ImageProfile, n_max: int) -> dict[str, tuple[Shape, Shape, Shape]]:
     """(min, opt, max) shape of every input, resolving the symbolic dimensions of the description."""
-    n_opt = min(MUSIQ_FIXED_TOKENS + _native_tokens(profile.opt), n_max)
-    n_low = min(MUSIQ_FIXED_TOKENS + _native_tokens(profile.min), n_max)
+    n_opt = min(token_count(*profile.opt), n_max)
+    n_low = min(token_count(*profile.min), n_max)
     by_level = {"min": (profile.min, 1, n_low), "opt": (profile.opt, 1, n_opt),
                 "max": (profile.max, profile.batch, n_max)}
     shapes: dict[str, tuple[Shape, Shape, Shape]] = {}

@@ -26,7 +26,7 @@ from . import __version__
 from .backends import Engines
 from .colorfix import color_fix as apply_color_fix
 from .errors import InputError
-from .gating import Gate, classify, gate
+from .gating import Gate, gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
 from .musiq_patches import batch_feeds, extract_tokens
 from .preprocess import Geometry, finish, plan_geometry, prepare, to_model_range, to_uint8
@@ -128,17 +128,16 @@ class Pipeline:
         (score,) = self.engines.run("musiq", batch_feeds([tokens]), timings.engine if timings else None)
         return float(score[0])
 
-    def decide(self, score: float | None, k: float | None = None, w: float | None = None) -> Gate:
+    def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         """The gating rule, overrides, and the honest degradation of a checkpoint without a part."""
-        gated = gate(score) if score is not None else Gate(0.0, 0.0, 0.0, "severe")
+        gated = gate(score)
         k = gated.k if k is None else float(k)
         w = gated.w if w is None else float(w)
         if not self.capabilities["has_restoration_encoder"]:
             k = 1.0
         if not self.capabilities["has_csft"]:
             w = 0.0
-        label = gated.label if score is not None else classify(100 * k)
-        return Gate(gated.score, k, w, label)
+        return Gate(gated.score, k, w, gated.label)
 
     # ---------------------------------------------------------------------- 4. encode and mix
 
