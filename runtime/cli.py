@@ -137,8 +137,8 @@ def _restore(args) -> int:
                             fmt=args.format, quality=args.quality)
                 done += 1
                 record.update(status="ok", output=str(target), **result.record())
-                if result.score is not None and result.score < 0:
-                    record["warning"] = "negative MUSIQ score (random weights?): treated as severe"
+                for warning in result.warnings:
+                    images.write(f"adaptbir: {job.source}: warning: {warning}", file=sys.stderr)
         except (AdaptBIRError, OSError, ValueError) as err:
             failures.append((str(job.source), str(err)))
             record.update(status="failed", error=str(err))

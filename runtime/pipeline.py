@@ -81,10 +81,12 @@ class Result:
     timings: dict[str, float]
     sizes: dict[str, list[int]]
     tiled: bool
+    warnings: list[str] = field(default_factory=list)
 
     def record(self) -> dict[str, Any]:
         return {"score": self.score, "class": self.label, "k": self.k, "w": self.w, "seed": self.seed,
-                "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled, "timings": self.timings}
+                "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled, "timings": self.timings,
+                "warnings": self.warnings}
 
 
 @lru_cache(maxsize=16)
@@ -271,8 +273,11 @@ class Pipeline:
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)
         timings.stages["total"] = time.perf_counter() - started
+        notes = []
+        if measured is not None and measured < 0:  # the reference asserts this away; random weights do it
+            notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
         return Result(out, measured, decision.label, decision.k, decision.w, seed, steps, timings.to_dict(),
-                      _sizes(geometry), latent.tiled)
+                      _sizes(geometry), latent.tiled, notes)
 
     @staticmethod
     def _like_input(image: Any, loaded: LoadedImage, rgb: np.ndarray) -> Any:

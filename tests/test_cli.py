@@ -44,7 +44,7 @@ def test_restore_directory_tree_with_report(tiny_engines, tmp_path, capsys):
                       "engine_id", "engines", "precision", "wall_s"):
             assert field in r, field
         assert r["seed"] == 5 and r["steps"] == 2 and r["backend"] == "ort-cpu"
-        assert r["warning"].startswith("negative MUSIQ score")
+        assert r["warnings"][0].startswith("negative MUSIQ score")
     assert "restored 2, skipped 0, failed 0" in capsys.readouterr().err
 
 

@@ -91,6 +91,7 @@ def test_gating_and_overrides(pipeline):
     measured = pipeline.restore(photo, seed=0, steps=2)
     assert measured.score is not None and measured.score < 0  # random MUSIQ weights score negative
     assert (measured.k, measured.w, measured.label) == (0.0, 0.0, "severe")
+    assert measured.warnings and "treated as severe" in measured.warnings[0]
     given = pipeline.restore(photo, seed=0, steps=2, score=80)
     assert given.score is None and "musiq_s" not in given.timings
     assert (given.k, given.w, given.label) == (0.7, pytest.approx(1.0), "mild")
