@@ -74,14 +74,12 @@ def _prepare(args, precision: str | None = None) -> tuple[Path, Any]:
                                 "no torch weights")
         return args.engines, None
     from adaptbir.export.build import build_engine_directory, empty_prompt_context
-    from adaptbir.export.checkpoint import LoadReport, gather, load_model
+    from adaptbir.export.checkpoint import gather, load_model, load_random
     from adaptbir.export.config import load_config
-    from adaptbir.export.model import Capabilities, random_model
 
     if args.preset:
         config = load_config(args.preset)
-        model = random_model(config, 0)
-        report = LoadReport(["random weights (seed 0)"], Capabilities(has_text_encoder=False), {}, {}, [])
+        model, report = load_random(config, 0)
         name = f"bench-{args.preset}-random-{precision}"
     else:
         config = load_config("sd21")

@@ -21,7 +21,7 @@ import torch
 from adaptbir.runtime.errors import CheckpointError
 
 from .config import ModelConfig
-from .model import CHECKPOINT_PREFIXES, AdaptBIR, Capabilities
+from .model import CHECKPOINT_PREFIXES, AdaptBIR, Capabilities, random_model
 
 SCHEDULE_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -320,3 +320,10 @@ def load_model(config: ModelConfig, ckpts: CheckpointSet, device: str | torch.de
         loaded[next(p for p in CHECKPOINT_PREFIXES.values() if key.startswith(p))] += 1
     report = LoadReport(ckpts.sources, caps, dict(loaded), dict(ckpts.ignored), _notes(caps))
     return model.eval(), report
+
+
+def load_random(config: ModelConfig, seed: int) -> tuple[AdaptBIR, LoadReport]:
+    """Seeded random weights in the real layout, with the report a checkpoint load would give."""
+    model = random_model(config, seed)
+    notes = [f"random weights, seed {seed}: a noise-like output is expected"]
+    return model, LoadReport([f"random weights (seed {seed})"], model.capabilities, {}, {}, notes)

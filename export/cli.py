@@ -49,18 +49,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from .checkpoint import gather, load_model
+    from .checkpoint import gather, load_model, load_random
     from .config import load_config
-    from .model import Capabilities, random_model
 
     config = load_config(path=args.config) if args.config else load_config(args.preset or "sd21")
     if args.random_weights:
-        from .checkpoint import LoadReport
-
-        model = random_model(config, args.seed)
-        caps = Capabilities(has_text_encoder=False)
-        notes = [f"random weights, seed {args.seed}: a noise-like output is expected"]
-        return config, model, LoadReport([f"random weights (seed {args.seed})"], caps, {}, {}, notes)
+        return (config, *load_random(config, args.seed))
     ckpts = gather(args.checkpoint, control=args.control, restoration_vae=args.restoration_vae, musiq=args.musiq)
     model, report = load_model(config, ckpts)
     return config, model, report

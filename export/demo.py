@@ -20,9 +20,8 @@ from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
 
 from .build import build_engine_directory, empty_prompt_context
-from .checkpoint import LoadReport
+from .checkpoint import load_random
 from .config import load_config
-from .model import Capabilities, random_model
 
 ENGINES = Path("engines/tiny-random")
 OUT = Path("out/demo")
@@ -31,8 +30,7 @@ STAGES = ("preprocess", "musiq", "encode", "sample", "decode", "postprocess")
 
 def build_tiny_random(out: Path, seed: int) -> None:
     config = load_config("tiny")
-    model = random_model(config, seed)
-    report = LoadReport([f"random weights (seed {seed})"], Capabilities(has_text_encoder=False), {}, {}, [])
+    model, report = load_random(config, seed)
     context, source = empty_prompt_context(None, None, seed, config.context_dim)
     build_engine_directory(model, report, config, out, context=context, context_source=source,
                            progress=lambda line: print(f"  {line}"))

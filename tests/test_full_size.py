@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from adaptbir.export.build import build_engine_directory, empty_prompt_context
-from adaptbir.export.checkpoint import LoadReport
+from adaptbir.export.checkpoint import load_random
 from adaptbir.export.config import load_config
-from adaptbir.export.model import Capabilities, UNetGraph, random_model
+from adaptbir.export.model import UNetGraph
 from adaptbir.export.onnx_export import run_onnx
 from adaptbir.runtime.manifest import load_manifest
 
@@ -18,8 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_sd21_random_export_one_unet_step_at_64x64(tmp_path):
     config = load_config("sd21")
-    model = random_model(config, seed=0)
-    report = LoadReport(["random weights (seed 0)"], Capabilities(has_text_encoder=False), {}, {}, [])
+    model, report = load_random(config, seed=0)
     context, source = empty_prompt_context(None, None, 0, config.context_dim)
     out = tmp_path / "sd21"
     build_engine_directory(model, report, config, out, context=context, context_source=source)
