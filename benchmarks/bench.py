@@ -183,15 +183,9 @@ def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, run
 GATE_SCORES = (39.9, 40.0, 40.1, 69.9, 70.0, 70.1)
 
 
-def _psnr(actual: np.ndarray, expected: np.ndarray, peak: float | None = None) -> float | None:
-    err = np.asarray(actual, np.float64) - np.asarray(expected, np.float64)
-    mse = float(np.mean(err**2))
-    peak = float(np.ptp(expected)) if peak is None else peak
-    return None if mse == 0 else 10 * np.log10(peak**2 / mse)
-
-
 def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
     """fp16 vs fp32 engine directories of the same weights on the same inputs."""
+    from adaptbir.export.onnx_export import psnr
     from adaptbir.runtime.backends import Engines
     from adaptbir.runtime.gating import gate
     from adaptbir.runtime.pipeline import Pipeline
@@ -206,10 +200,11 @@ def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
     if pipelines["fp32"].engines.has("musiq"):
         calls["musiq"] = runner.musiq_feeds
     for name, feeds in calls.items():
-        ref = pipelines["fp32"].engines.run(name, feeds)
-        low = pipelines["fp16"].engines.run(name, feeds)
-        graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in zip(low, ref, strict=True)),
-                        "psnr_db": min((_psnr(a, b) or float("inf")) for a, b in zip(low, ref, strict=True))}
+        pairs = list(zip(pipelines["fp16"].engines.run(name, feeds), pipelines["fp32"].engines.run(name, feeds),
+                         strict=True))
+        dbs = [db for a, b in pairs if (db := psnr(a, b, float(np.ptp(b)))) is not None]
+        graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in pairs),
+                        "psnr_db": min(dbs) if dbs else None}
     images = {p: pipe.restore(runner.photo, seed=0, steps=args.steps, score=55).image for p, pipe in pipelines.items()}
     scores = {}
     for seed in range(4):  # a few different photos
@@ -219,7 +214,7 @@ def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
     flips = [s for s in GATE_SCORES for d in (-shift, shift) if gate(s + d) != gate(s)]
     return {
         "graphs": graphs,
-        "final_image_psnr_db": _psnr(images["fp16"], images["fp32"], peak=255.0),
+        "final_image_psnr_db": psnr(images["fp16"], images["fp32"], peak=255.0),
         "final_image_max_abs_u8": int(np.abs(images["fp16"].astype(int) - images["fp32"]).max()),
         "musiq_scores": scores, "musiq_max_abs_shift": shift,
         "gate_flips_near_40_70": flips,

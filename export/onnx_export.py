@@ -162,9 +162,15 @@ class Parity:
         return asdict(self)
 
 
+def psnr(actual: np.ndarray, expected: np.ndarray, peak: float) -> float | None:
+    """PSNR in dB of `actual` against `expected` for the given peak value; None when they are equal."""
+    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(expected, np.float64)) ** 2))
+    return None if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
 def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, precision: str) -> Parity:
     """Worst case over the outputs, judged by the precision's rule (abs error for fp32, PSNR for fp16)."""
-    max_abs, max_rel, psnr = 0.0, 0.0, math.inf
+    max_abs, max_rel, worst = 0.0, 0.0, math.inf
     for a, e in zip(actual, expected, strict=True):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         if a.shape != e.shape or not np.all(np.isfinite(a)):
@@ -172,25 +178,22 @@ def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, pre
         err = np.abs(a - e)
         max_abs = max(max_abs, float(err.max()))
         max_rel = max(max_rel, float(err.max() / max(np.abs(e).max(), 1e-12)))
-        rmse = float(np.sqrt(np.mean(err**2)))
-        if rmse > 0:  # peak: the output's range, or its magnitude for a single value (a score)
-            peak = max(float(np.ptp(e)), float(np.abs(e).max()), 1e-12)
-            psnr = min(psnr, 20 * math.log10(peak / rmse))
+        # peak: the output's range, or its magnitude for a single value (a score)
+        db = psnr(a, e, max(float(np.ptp(e)), float(np.abs(e).max()), 1e-12))
+        if db is not None:
+            worst = min(worst, db)
     if precision == "fp16" and FP16_MIN_PSNR_DB[name] != math.inf:
-        tolerance, passed = f"PSNR >= {FP16_MIN_PSNR_DB[name]:g} dB", psnr >= FP16_MIN_PSNR_DB[name]
+        tolerance, passed = f"PSNR >= {FP16_MIN_PSNR_DB[name]:g} dB", worst >= FP16_MIN_PSNR_DB[name]
     else:
         tolerance, passed = f"max abs <= {FP32_ATOL[name]:g}", max_abs <= FP32_ATOL[name]
-    return Parity(max_abs, max_rel, None if psnr == math.inf else psnr, tolerance, passed)
+    return Parity(max_abs, max_rel, None if worst == math.inf else worst, tolerance, passed)
 
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
-    import onnxruntime as ort
+    """One run of a graph on ONNX Runtime's CPU provider, through the runtime's own session class."""
+    from adaptbir.runtime.backends import OrtSession
 
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, feeds)
+    return OrtSession(path, ["CPUExecutionProvider"], threads).run(feeds)
 
 
 @torch.no_grad()
