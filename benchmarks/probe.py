@@ -9,21 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 
+from adaptbir.runtime.memory import peak_rss_bytes
+
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size. VmHWM, not ru_maxrss: on Linux ru_maxrss survives fork and
-    exec, so a child of a large parent (pytest with torch loaded) would report the parent's peak."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_bytes() / 2**20
 
 
 def main(argv: list[str] | None = None) -> None:

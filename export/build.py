@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -20,7 +23,7 @@ import onnx
 import torch
 
 from adaptbir.runtime import __version__
-from adaptbir.runtime.atomic import atomic_write
+from adaptbir.runtime.atomic import atomic_write, staged_directory
 from adaptbir.runtime.errors import AdaptBIRError, EngineError
 from adaptbir.runtime.gating import RULE
 from adaptbir.runtime.manifest import (
@@ -34,9 +37,9 @@ from adaptbir.runtime.manifest import (
 from adaptbir.runtime.musiq_patches import FIXED_TOKENS, token_count
 
 from .checkpoint import LoadReport
-from .components import Component, components
+from .components import FULL_SIZE_IMAGE, Component, components
 from .config import ModelConfig
-from .onnx_export import FP32_OP_TYPES, OPSET, check_parity, export_onnx, save_onnx, to_fp16
+from .onnx_export import FP32_OP_TYPES, OPSET, check_parity, export_onnx, torch_outputs
 from .text_encoder import TextEncoder
 
 DEFAULT_N_MAX = token_count(2048, 2048)  # MUSIQ tokens of a 2048x2048 (padded) image
@@ -114,91 +117,151 @@ def _previous(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return data["graphs"], data["files"]
 
 
+def _graph_files(entry: dict[str, Any]) -> list[str]:
+    return [f for f in (entry["file"], entry.get("external_data")) if f]
+
+
 def _reusable(out: Path, previous: dict[str, Any], name: str, key: str, files: dict[str, Any]) -> bool:
     entry = previous.get(name)
     if not entry or entry.get("source_key") != key:
         return False
     try:
-        for file in filter(None, (entry["file"], entry.get("external_data"))):
-            if file_entry(out / file) != files[file]:
-                return False
+        return all(file_entry(out / file) == files[file] for file in _graph_files(entry))
     except (KeyError, OSError):
         return False
-    return True
 
 
-def _export_graph(component: Component, out: Path, precision: str, key: str) -> dict[str, Any]:
+def _reuse(entry: dict[str, Any], old: Path, new: Path) -> None:
+    """Carry an up-to-date graph into the new directory: a hard link, a copy where links are impossible."""
+    for file in _graph_files(entry):
+        try:
+            os.link(old / file, new / file)
+        except OSError:
+            shutil.copy2(old / file, new / file)
+
+
+def _export_graph(component: Component, out: Path, precision: str, key: str,
+                  free_weights: Callable[[], None], progress: Callable[[str], None]) -> dict[str, Any]:
+    """Trace, convert and write one graph, then check it against torch under ONNX Runtime.
+
+    Torch's outputs are computed first and the component's weights freed before ONNX Runtime loads the
+    graph, so the two copies of a model never share the memory (the build's peak, see `build_memory`)."""
     graph_precision = precision if component.fp16_allowed else "fp32"
-    proto = export_onnx(component, out / component.spec.file)
-    fp32_ops: dict[str, Any] = {"all": "fp32 graph"} if graph_precision == "fp32" else {}
-    if graph_precision == "fp16":
-        proto, keep = to_fp16(proto)
-        fp32_ops = {why: len(names) for why, names in keep.items()}
-        fp32_ops["nodes"] = sorted(n for names in keep.values() for n in names)
-    path = out / component.spec.file
-    external = save_onnx(proto, path)
-    parity = check_parity(component, path, graph_precision)
-    if not parity.passed:
-        path.unlink(missing_ok=True)
-        if external:
-            (out / external).unlink(missing_ok=True)
-        raise ExportError(
-            f"{component.name}: ONNX Runtime output differs from torch beyond tolerance "
-            f"({parity.tolerance}): max abs {parity.max_abs:.3g}, PSNR {parity.psnr_db} dB"
-        )
-    return {
+    with tempfile.TemporaryDirectory(prefix=".trace-", dir=out) as trace:
+        progress("tracing")
+        graph = export_onnx(component, Path(trace))
+        fp32_ops: dict[str, Any] = {"all": "fp32 graph"}
+        if graph_precision == "fp16":
+            progress("converting to fp16")
+            keep = graph.to_fp16()
+            fp32_ops = {why: len(names) for why, names in keep.items()}
+            fp32_ops["nodes"] = sorted(n for names in keep.values() for n in names)
+        progress("writing")
+        external = graph.save(out / component.spec.file)
+    samples = {"sample": component.sample}
+    if graph_precision == "fp16" and component.full_size_sample is not None:
+        samples["full_size"] = component.full_size_sample
+    progress("torch reference")
+    expected = {label: torch_outputs(component, sample) for label, sample in samples.items()}
+    free_weights()
+    parity = {}
+    for label, sample in samples.items():
+        progress(f"ONNX Runtime parity ({label})")
+        parity[label] = check_parity(component, out / component.spec.file, graph_precision, sample, expected[label])
+        if not parity[label].passed:
+            raise ExportError(
+                f"{component.name}: ONNX Runtime output differs from torch beyond tolerance at the {label} "
+                f"input ({parity[label].tolerance}): max abs {parity[label].max_abs:.3g}, "
+                f"PSNR {parity[label].psnr_db} dB"
+            )
+    entry = {
         "file": component.spec.file, "external_data": external,
         "inputs": [t.to_dict() for t in component.spec.inputs],
         "outputs": [t.to_dict() for t in component.spec.outputs],
-        "precision": graph_precision, "fp32_ops": fp32_ops, "parity": parity.to_dict(), "source_key": key,
+        "precision": graph_precision, "fp32_ops": fp32_ops, "parity": parity["sample"].to_dict(),
+        "source_key": key,
     }
+    if "full_size" in parity:
+        entry["parity_full_size"] = {**parity["full_size"].to_dict(), "image": list(FULL_SIZE_IMAGE)}
+    return entry
+
+
+def free_weights(done: Component, later: list[Component]) -> None:
+    """Free the weights of `done`'s parts that no later graph holds (they become meta tensors)."""
+    needed = {id(part) for component in later for part in component.parts}
+    for part in done.parts:
+        if id(part) not in needed:
+            part.to("meta")
 
 
 def _save_context(out: Path, context: np.ndarray) -> None:
     atomic_write(out / CONTEXT_FILE, lambda f: np.save(f, context))
 
 
+def is_engine_directory(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
 def build_engine_directory(
     model, report: LoadReport, config: ModelConfig, out: Path, *, precision: str = "fp32",
-    context: np.ndarray, context_source: str, n_max: int = DEFAULT_N_MAX,
+    context: np.ndarray, context_source: str, n_max: int = DEFAULT_N_MAX, free: bool = False,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Export every graph of `model` into `out` and write the manifest; returns the manifest."""
+    """Export every graph of `model` into `out` and write the manifest; returns the manifest.
+
+    The directory is built in a hidden sibling and replaces `out` only when every graph has passed its
+    parity check: a failed or interrupted build leaves the previous directory as it was. With `free`, the
+    build owns `model` and frees each part's weights once the last graph holding them is written and
+    measured (the model cannot be used afterwards); this bounds the peak memory to about one copy of the
+    model plus its largest graph (see `build_memory`).
+    """
     if precision not in ("fp32", "fp16"):
         raise AdaptBIRError(f"precision must be fp32 or fp16, not {precision!r}")
     if n_max < FIXED_TOKENS + 1:
         raise AdaptBIRError(f"--musiq-n-max must be at least {FIXED_TOKENS + 1}")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
     tools = tool_versions()
     previous, old_files = _previous(out)
-    _save_context(out, context)
-    results = []
-    comps = components(model, torch.from_numpy(context))
-    for i, component in enumerate(comps, 1):
-        key = source_key(component, precision, tools)
-        step = f"[{i}/{len(comps)}] {component.name}"
-        if _reusable(out, previous, component.name, key, old_files):
-            progress(f"{step}: up to date, reused")
-            results.append(GraphResult(component.name, previous[component.name], True))
-            continue
-        progress(f"{step}: exporting ({precision if component.fp16_allowed else 'fp32'}) and checking parity")
-        results.append(GraphResult(component.name, _export_graph(component, out, precision, key), False))
-    manifest = _manifest(config, report, out, precision, context, context_source, n_max, tools, results)
-    write_json_atomic(out / MANIFEST, manifest)
+    if free and model.text_encoder is not None:
+        model.text_encoder.to("meta")  # the context is computed: the text tower is not part of any graph
+    try:
+        with staged_directory(out, is_engine_directory) as staging:
+            _save_context(staging, context)
+            results = []
+            comps = components(model, torch.from_numpy(context))
+            for i, component in enumerate(comps, 1):
+                key = source_key(component, precision, tools)
+                step = f"[{i}/{len(comps)}] {component.name}"
+                release = (lambda c=component, i=i: free_weights(c, comps[i:])) if free else (lambda: None)
+                if _reusable(out, previous, component.name, key, old_files):
+                    progress(f"{step}: up to date, reused")
+                    _reuse(previous[component.name], out, staging)
+                    results.append(GraphResult(component.name, previous[component.name], True))
+                    release()
+                    continue
+                label = f"{step} ({precision if component.fp16_allowed else 'fp32'})"
+                entry = _export_graph(component, staging, precision, key, release,
+                                      lambda phase, label=label: progress(f"{label}: {phase}"))
+                results.append(GraphResult(component.name, entry, False))
+            manifest = _manifest(config, report, staging, out.name, precision, context, context_source, n_max,
+                                 tools, results)
+            write_json_atomic(staging / MANIFEST, manifest)
+    except FileExistsError as err:
+        raise AdaptBIRError(f"--out {out}: {err}; choose a new or empty folder, or an engine directory") from err
     return manifest
 
 
-def _manifest(config: ModelConfig, report: LoadReport, out: Path, precision: str, context: np.ndarray,
+def _manifest(config: ModelConfig, report: LoadReport, out: Path, name: str, precision: str, context: np.ndarray,
               context_source: str, n_max: int, tools: dict[str, str], results: list[GraphResult]) -> dict:
     graphs = {r.name: r.entry for r in results}
     files = {CONTEXT_FILE: file_entry(out / CONTEXT_FILE)}
     for entry in graphs.values():
-        for file in filter(None, (entry["file"], entry.get("external_data"))):
+        for file in _graph_files(entry):
             files[file] = file_entry(out / file)
     schedule = config.schedule
     return {
         "schema_version": SCHEMA_VERSION,
-        "name": out.name,
+        "name": name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "precision": precision,
         "preset": config.name,

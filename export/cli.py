@@ -69,7 +69,7 @@ def _build(args) -> None:
     context, source = empty_prompt_context(model.text_encoder, args.context, args.seed, config.context_dim)
     manifest = build_engine_directory(
         model, report, config, args.out, precision=args.precision, context=context, context_source=source,
-        n_max=args.musiq_n_max or DEFAULT_N_MAX,
+        n_max=args.musiq_n_max or DEFAULT_N_MAX, free=True,
     )
     print(summary_table(manifest))
     print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s")
@@ -77,12 +77,18 @@ def _build(args) -> None:
 
 def summary_table(manifest: dict) -> str:
     rows = [f"{'file':<24} {'MiB':>9}  {'precision':<9} {'max abs':>10} {'PSNR dB':>8}  parity"]
+
+    def row(file: str, size: str, precision: str, parity: dict) -> str:
+        psnr = "exact" if parity["psnr_db"] is None else f"{parity['psnr_db']:.1f}"
+        return (f"{file:<24} {size:>9}  {precision:<9} {parity['max_abs']:>10.2e} {psnr:>8}  "
+                f"ok ({parity['tolerance']})")
+
     for graph in manifest["graphs"].values():
         size = sum(manifest["files"][f]["bytes"] for f in (graph["file"], graph.get("external_data")) if f)
-        p = graph["parity"]
-        psnr = "exact" if p["psnr_db"] is None else f"{p['psnr_db']:.1f}"
-        rows.append(f"{graph['file']:<24} {size / 2**20:>9.2f}  {graph['precision']:<9} {p['max_abs']:>10.2e} "
-                    f"{psnr:>8}  ok ({p['tolerance']})")
+        rows.append(row(graph["file"], f"{size / 2**20:.2f}", graph["precision"], graph["parity"]))
+        if "parity_full_size" in graph:
+            full = graph["parity_full_size"]
+            rows.append(row(f"  at {full['image'][0]}x{full['image'][1]}", "", "", full))
     context = manifest["files"]["context.npy"]["bytes"]
     rows.append(f"{'context.npy':<24} {context / 2**20:>9.2f}  {'fp32':<9} ({manifest['context']['source']})")
     return "\n".join(rows)

@@ -20,6 +20,9 @@ from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGra
 # ill-conditioned), small enough to run the full-size model on a CPU.
 SAMPLE_IMAGE = (256, 256)
 SAMPLE_BATCH = 2
+# fp16 graphs are checked a second time at SD 2.1-base's own resolution: overflows grow with activation
+# size (SD 2.x attention and VAE overflows are the known failure), so the small sample alone cannot show them.
+FULL_SIZE_IMAGE = (512, 512)
 MUSIQ_SAMPLE_NATIVE = 64  # native-resolution patches of a 256x256 image
 
 # fp32: absolute error on latents, eps and images (DESIGN: 1e-4), and on the 0–100 MUSIQ score.
@@ -34,6 +37,7 @@ class Component:
     module: nn.Module
     parts: tuple[nn.Module, ...]  # whose weights are inside the graph (for the reuse key)
     sample: tuple[torch.Tensor, ...]
+    full_size_sample: tuple[torch.Tensor, ...] | None = None  # batch 1 at FULL_SIZE_IMAGE (fp16 check)
     fp16_allowed: bool = True  # MUSIQ stays fp32 everywhere so the gates do not flip on precision
     reference: nn.Module | None = None  # what parity compares against, when the exported module is rewritten
 
@@ -59,25 +63,36 @@ def musiq_sample(batch: int, native: int, generator: torch.Generator) -> tuple[t
     return patches, spatial, scale, mask
 
 
+def _image_samples(gen: torch.Generator, size: tuple[int, int], batch: int, context: torch.Tensor) -> dict:
+    """Inputs of the three image graphs for one image size."""
+    H, W = size
+    h, w = H // 8, W // 8
+    image = torch.rand(1, 3, H, W, generator=gen) * 2 - 1
+    x, cond = torch.randn(batch, 4, h, w, generator=gen), torch.randn(batch, 4, h, w, generator=gen)
+    t, strength = torch.tensor([999, 500][:batch]), torch.tensor([0.0, 0.8][-batch:])
+    latent = torch.randn(1, 4, h, w, generator=gen)
+    return {
+        "dual_encoder": (image,),
+        "unet": (x, t, context.expand(batch, -1, -1).contiguous(), cond, strength),
+        "decoder": (latent,),
+    }
+
+
 def components(model: AdaptBIR, context: torch.Tensor, seed: int = 0) -> list[Component]:
     """The four graphs of an engine directory, in build order."""
     gen = torch.Generator().manual_seed(seed)
-    H, W = SAMPLE_IMAGE
-    b, h, w = SAMPLE_BATCH, H // 8, W // 8
-    image = torch.rand(1, 3, H, W, generator=gen) * 2 - 1
-    x, cond = torch.randn(b, 4, h, w, generator=gen), torch.randn(b, 4, h, w, generator=gen)
+    sample = _image_samples(gen, SAMPLE_IMAGE, SAMPLE_BATCH, context)
+    full = _image_samples(gen, FULL_SIZE_IMAGE, 1, context)
     vae, encoders = model.vae, [model.vae.encoder, model.vae.quant_conv]
     if model.restoration_encoder is not None:
         encoders.append(model.restoration_encoder)
-    spec_unet = graphs.UNET.resolved(C=model.config.context_dim)
     out = [
-        Component(graphs.DUAL_ENCODER, DualEncoderGraph(model), tuple(encoders), (image,)),
-        Component(
-            spec_unet, UNetGraph(model), (model.unet, model.controlnet, vae.post_quant_conv),
-            (x, torch.tensor([999, 500]), context.expand(b, -1, -1).contiguous(), cond, torch.tensor([0.0, 0.8])),
-        ),
-        Component(graphs.DECODER, DecoderGraph(model), (vae.decoder, vae.post_quant_conv),
-                  (torch.randn(1, 4, h, w, generator=gen),)),
+        Component(graphs.DUAL_ENCODER, DualEncoderGraph(model), tuple(encoders), sample["dual_encoder"],
+                  full["dual_encoder"]),
+        Component(graphs.UNET.resolved(C=model.config.context_dim), UNetGraph(model),
+                  (model.unet, model.controlnet, vae.post_quant_conv), sample["unet"], full["unet"]),
+        Component(graphs.DECODER, DecoderGraph(model), (vae.decoder, vae.post_quant_conv), sample["decoder"],
+                  full["decoder"]),
     ]
     if model.musiq is not None:
         folded = copy.deepcopy(model.musiq)

@@ -133,7 +133,7 @@ def test_rebuild_reuses_up_to_date_graphs(reference, tiny_fp32, tmp_path, capsys
     (out / "decoder.onnx").write_bytes(b"junk")
     _build(reference, out, *how)
     printed = capsys.readouterr().out
-    assert printed.count("up to date, reused") == 3 and "decoder: exporting" in printed
+    assert printed.count("up to date, reused") == 3 and "decoder (fp32): tracing" in printed
     load_manifest(out)
 
 
