@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort-cpu")
     p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
     p.add_argument("--compare", choices=("torch", "fp16"),
-                   help="torch: alternate with torch eager on the same weights; fp16: accuracy of fp16 vs fp32 engines")
+                   help="torch: alternate with torch eager on the same weights; "
+                   "fp16: accuracy and speed of fp16 engines against fp32 ones of the same weights")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
@@ -65,8 +66,9 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def _prepare(args, precision: str | None = None) -> tuple[Path, Any]:
-    """The engine directory, and the torch model with the same weights (None for --engines)."""
+def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tuple[Path, Any]:
+    """The engine directory, and the torch model with the same weights (None for --engines, or when the
+    build may free it as it goes: `keep_model=False` bounds the build's memory as the CLI's)."""
     precision = precision or args.precision
     if args.engines:
         if args.compare:
@@ -89,8 +91,9 @@ def _prepare(args, precision: str | None = None) -> tuple[Path, Any]:
     out = Path("engines") / name
     print(f"engines: {out} ({source})", file=sys.stderr)
     build_engine_directory(model, report, config, out, precision=precision, context=context,
-                           context_source=source, progress=lambda line: print(f"  {line}", file=sys.stderr))
-    return out, model
+                           context_source=source, free=not keep_model,
+                           progress=lambda line: print(f"  {line}", file=sys.stderr))
+    return out, model if keep_model else None
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -171,9 +174,9 @@ def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, run
             overhead = [r["overhead_s"] for r in rt]
             entry["overhead"] = {**summarize(overhead),
                                  "fraction_median": statistics.median(r["overhead_s"] / r["s"] for r in rt)}
-        if "torch" in by_side:
-            ratios = [a["s"] / b["s"] for a, b in zip(by_side["runtime"], by_side["torch"], strict=True)]
-            entry["ratio_runtime_over_torch"] = {**summarize(ratios), "pairs": ratios}
+        for other in by_side.keys() - {"runtime"}:
+            ratios = [a["s"] / b["s"] for a, b in zip(by_side["runtime"], by_side[other], strict=True)]
+            entry[f"ratio_runtime_over_{other}"] = {**summarize(ratios), "pairs": ratios}
         out[stage] = entry
     return out
 
@@ -183,29 +186,24 @@ def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, run
 GATE_SCORES = (39.9, 40.0, 40.1, 69.9, 70.0, 70.1)
 
 
-def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
+def precision_accuracy(fp16: StageRunner, fp32: StageRunner, size: tuple[int, int], steps: int) -> dict[str, Any]:
     """fp16 vs fp32 engine directories of the same weights on the same inputs."""
     from adaptbir.export.onnx_export import psnr
-    from adaptbir.runtime.backends import Engines
     from adaptbir.runtime.gating import gate
-    from adaptbir.runtime.pipeline import Pipeline
 
-    pipelines = {}
-    for precision in ("fp32", "fp16"):
-        directory, _ = _prepare(args, precision)
-        pipelines[precision] = Pipeline(Engines.load(directory, backend=args.backend, threads=args.threads))
-    runner = StageRunner(pipelines["fp32"], size, args.steps)
+    pipelines = {"fp32": fp32.pipeline, "fp16": fp16.pipeline}
     graphs: dict[str, Any] = {}
-    calls = {"dual_encoder": {"image": runner.image}, "unet": runner.unet_feeds, "decoder": {"latent": runner.latent}}
+    calls = {"dual_encoder": {"image": fp32.image}, "unet": fp32.unet_feeds, "decoder": {"latent": fp32.latent}}
     if pipelines["fp32"].engines.has("musiq"):
-        calls["musiq"] = runner.musiq_feeds
+        calls["musiq"] = fp32.musiq_feeds
     for name, feeds in calls.items():
         pairs = list(zip(pipelines["fp16"].engines.run(name, feeds), pipelines["fp32"].engines.run(name, feeds),
                          strict=True))
         dbs = [db for a, b in pairs if (db := psnr(a, b, float(np.ptp(b)))) is not None]
         graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in pairs),
-                        "psnr_db": min(dbs) if dbs else None}
-    images = {p: pipe.restore(runner.photo, seed=0, steps=args.steps, score=55).image for p, pipe in pipelines.items()}
+                        "psnr_db": min(dbs) if dbs else None,
+                        "finite": all(bool(np.all(np.isfinite(a))) for a, _ in pairs)}
+    images = {p: pipe.restore(fp32.photo, seed=0, steps=steps, score=55).image for p, pipe in pipelines.items()}
     scores = {}
     for seed in range(4):  # a few different photos
         photo = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
@@ -214,6 +212,7 @@ def precision_accuracy(args, size: tuple[int, int]) -> dict[str, Any]:
     flips = [s for s in GATE_SCORES for d in (-shift, shift) if gate(s + d) != gate(s)]
     return {
         "graphs": graphs,
+        "final_image_steps": steps,
         "final_image_psnr_db": psnr(images["fp16"], images["fp32"], peak=255.0),
         "final_image_max_abs_u8": int(np.abs(images["fp16"].astype(int) - images["fp32"]).max()),
         "musiq_scores": scores, "musiq_max_abs_shift": shift,
@@ -306,10 +305,11 @@ def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend:
 
 
 def table(report: dict[str, Any]) -> str:
-    stages, compare = report["stages"], "torch" in report["sides"]
-    head = f"{'stage':<14} {'runtime ms (median [min..max])':>34}"
+    stages = report["stages"]
+    compare = next((side for side in report["sides"] if side != "runtime"), None)
+    head = f"{'stage':<14} {report['settings']['precision'] + ' runtime ms (median [min..max])':>34}"
     if compare:
-        head += f" {'torch ms':>12} {'ratio':>7}"
+        head += f" {compare + ' ms':>12} {'ratio':>7}"
     if report.get("flops"):
         head += f" {'GFLOP':>9} {'GFLOP/s':>9}"
     lines = [head]
@@ -317,7 +317,7 @@ def table(report: dict[str, Any]) -> str:
         rt = e["runtime"]
         row = f"{stage:<14} {rt['median'] * 1e3:>12.2f} [{rt['min'] * 1e3:>8.2f}..{rt['max'] * 1e3:>9.2f}]"
         if compare:
-            row += f" {e['torch']['median'] * 1e3:>12.2f} {e['ratio_runtime_over_torch']['median']:>7.3f}"
+            row += f" {e[compare]['median'] * 1e3:>12.2f} {e[f'ratio_runtime_over_{compare}']['median']:>7.3f}"
         if report.get("flops") and stage in report["flops"]:
             gflop = report["flops"][stage] / 1e9
             row += f" {gflop:>9.2f} {gflop / rt['median']:>9.1f}"
@@ -339,13 +339,14 @@ def table(report: dict[str, Any]) -> str:
     lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))
     if "fp16_vs_fp32" in report:
         a = report["fp16_vs_fp32"]
-        lines.append("fp16 vs fp32 engines (same inputs):")
+        lines.append("fp16 vs fp32 engines (same inputs; ratio above = fp16 / fp32 time):")
         for name, g in a["graphs"].items():
             psnr = "exact" if g["psnr_db"] in (None, float("inf")) else f"{g['psnr_db']:.1f} dB"
-            lines.append(f"  {name:<14} max abs {g['max_abs']:.3g}, PSNR {psnr}")
+            lines.append(f"  {name:<14} max abs {g['max_abs']:.3g}, PSNR {psnr}"
+                         + ("" if g.get("finite", True) else " — NOT FINITE (fp16 overflow)"))
         psnr = a["final_image_psnr_db"]
         lines.append(f"  final image    PSNR {'exact' if psnr is None else f'{psnr:.1f} dB'} (uint8, "
-                     f"max {a['final_image_max_abs_u8']} levels)")
+                     f"max {a['final_image_max_abs_u8']} levels, {a.get('final_image_steps', '?')} steps)")
         lines.append(f"  MUSIQ          max score shift {a['musiq_max_abs_shift']:.3g} (graph identical: "
                      f"{a['musiq_graph_identical']}); gate flips near 40/70: {a['gate_flips_near_40_70'] or 'none'}")
     return "\n".join(lines)
@@ -392,16 +393,24 @@ def run(args) -> dict[str, Any]:
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise AdaptBIRError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
-    engines_dir, model = _prepare(args)
+    if args.compare == "fp16":  # the fp16 directory is measured against the fp32 one; no torch weights kept
+        fp32_dir, _ = _prepare(args, "fp32", keep_model=False)
+        engines_dir, model = _prepare(args, "fp16", keep_model=False)
+    else:
+        engines_dir, model = _prepare(args)
     engines = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
-    accuracy = precision_accuracy(args, size) if args.compare == "fp16" else None
     if not engines.has("musiq") and "musiq" in stages:
         stages.remove("musiq")
     runners = {"runtime": StageRunner(Pipeline(engines), size, args.steps)}
+    accuracy = None
     if args.compare == "torch":
         from adaptbir.export.torch_engines import TorchEngines
 
         runners["torch"] = StageRunner(Pipeline(TorchEngines(engines.manifest, model, args.threads)), size, args.steps)
+    elif args.compare == "fp16":
+        fp32 = Engines.load(fp32_dir, backend=args.backend, threads=args.threads)
+        runners["fp32"] = StageRunner(Pipeline(fp32), size, args.steps)
+        accuracy = precision_accuracy(runners["runtime"], runners["fp32"], size, args.steps)
     threads = args.threads or os.cpu_count()
     report: dict[str, Any] = {
         "settings": {"name": engines_dir.name, "engines": str(engines_dir), "size": args.size, "steps": args.steps,

@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--context", type=Path, help="[1,77,C] .npy replacing the empty-prompt context")
     build.add_argument("--musiq-n-max", type=int, help="largest MUSIQ token count the engines must serve")
     build.add_argument("--out", type=Path, required=True, help="engine directory to write (engines/NAME)")
+    build.add_argument("--ignore-memory-check", action="store_true",
+                       help="build even when the predicted peak memory exceeds the available memory")
 
     trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)")
     trt.add_argument("--engines", type=Path, required=True)
@@ -48,23 +50,40 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args):
+def _load(args, config):
     from .checkpoint import gather, load_model, load_random
-    from .config import load_config
 
-    config = load_config(path=args.config) if args.config else load_config(args.preset or "sd21")
     if args.random_weights:
-        return (config, *load_random(config, args.seed))
+        return load_random(config, args.seed)
     ckpts = gather(args.checkpoint, control=args.control, restoration_vae=args.restoration_vae, musiq=args.musiq)
-    model, report = load_model(config, ckpts)
-    return config, model, report
+    return load_model(config, ckpts)
+
+
+def _check_memory(args, config):
+    from adaptbir.runtime.memory import available_bytes
+
+    from .memory import check_fits, predict_build_memory
+    from .model import Capabilities
+
+    # Random weights have no text tower; a checkpoint may (SD's own does): counted while it is loaded.
+    caps = Capabilities(has_text_encoder=config.text_encoder is not None and not args.random_weights)
+    memory = predict_build_memory(config, args.precision, caps)
+    print(f"memory: {memory.summary()}")
+    if not args.ignore_memory_check:
+        check_fits(memory, available_bytes(), f"building {config.name} {args.precision} engines")
+    return memory
 
 
 def _build(args) -> None:
+    from adaptbir.runtime.memory import GiB, peak_rss_bytes
+
     from .build import DEFAULT_N_MAX, build_engine_directory, empty_prompt_context
+    from .config import load_config
 
     started = time.perf_counter()
-    config, model, report = _load(args)
+    config = load_config(path=args.config) if args.config else load_config(args.preset or "sd21")
+    memory = _check_memory(args, config)
+    model, report = _load(args, config)
     print(report.summary())
     context, source = empty_prompt_context(model.text_encoder, args.context, args.seed, config.context_dim)
     manifest = build_engine_directory(
@@ -72,7 +91,8 @@ def _build(args) -> None:
         n_max=args.musiq_n_max or DEFAULT_N_MAX, free=True,
     )
     print(summary_table(manifest))
-    print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s")
+    print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s "
+          f"(peak memory {peak_rss_bytes() / GiB:.2f} GiB, predicted {memory.total / GiB:.2f} GiB)")
 
 
 def summary_table(manifest: dict) -> str:

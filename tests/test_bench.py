@@ -40,8 +40,14 @@ def test_bench_fp16_accuracy_report(tmp_path):
            "--json", str(result_file)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    accuracy = json.loads(result_file.read_text())["fp16_vs_fp32"]
+    report = json.loads(result_file.read_text())
+    assert report["sides"] == ["runtime", "fp32"] and report["settings"]["precision"] == "fp16"
+    assert len(report["stages"]["unet_step"]["ratio_runtime_over_fp32"]["pairs"]) == 1  # fp16 time / fp32 time
+    accuracy = report["fp16_vs_fp32"]
     assert set(accuracy["graphs"]) == {"dual_encoder", "unet", "decoder", "musiq"}
+    assert all(g["finite"] for g in accuracy["graphs"].values())
+    assert accuracy["graphs"]["unet"]["psnr_db"] >= 40 and accuracy["graphs"]["decoder"]["psnr_db"] >= 35
     assert accuracy["graphs"]["musiq"]["max_abs"] == 0 and accuracy["musiq_graph_identical"]
     assert accuracy["musiq_max_abs_shift"] == 0 and accuracy["gate_flips_near_40_70"] == []
-    assert accuracy["final_image_psnr_db"] is None or accuracy["final_image_psnr_db"] > 0
+    assert accuracy["final_image_steps"] == 2 and accuracy["final_image_psnr_db"] >= 35
+    assert "fp32 ms" in result.stdout and "fp16 vs fp32 engines" in result.stdout

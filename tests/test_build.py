@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +15,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from adaptbir.export import onnx_export
+from adaptbir.export.cli import main as export_main
+from adaptbir.export.config import load_config
+from adaptbir.export.memory import predict_build_memory
+from adaptbir.export.model import Capabilities
 from adaptbir.export.onnx_export import ExportedGraph, fp16_weights, run_onnx
+from adaptbir.runtime import memory
 from adaptbir.runtime.atomic import staged_directory
+from adaptbir.runtime.manifest import load_manifest
 
 
 def _graph_with_external_weights(folder: Path) -> tuple[Path, np.ndarray, np.ndarray]:
@@ -149,3 +157,47 @@ def test_abandoned_staging_of_a_killed_build_is_removed(tmp_path):
     with staged_directory(tmp_path / "engines", _is_engine_dir) as staging:
         (staging / "manifest.json").write_text("new")
     assert sorted(os.listdir(tmp_path)) == sorted(["engines", live.name])
+
+
+# ------------------------------------------------------------------------------------- whole builds
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_failed_build_leaves_the_previous_directory_intact(tiny_engines, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tiny"
+    shutil.copytree(tiny_engines, out)
+    before = _snapshot(out)
+    monkeypatch.setitem(onnx_export.FP32_ATOL, "dual_encoder", 0.0)  # the first new graph fails its check
+    code = export_main(["build", "--preset", "tiny", "--random-weights", "--seed", "3", "--out", str(out)])
+    assert code == 2 and "dual_encoder: ONNX Runtime output differs from torch" in capsys.readouterr().err
+    assert _snapshot(out) == before and sorted(os.listdir(tmp_path)) == ["tiny"]
+    load_manifest(out)
+
+
+def test_build_that_would_not_fit_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(memory, "available_bytes", lambda: 3 * 1024**3)
+    code = export_main(["build", "--preset", "sd21", "--random-weights", "--precision", "fp16",
+                        "--out", str(tmp_path / "sd21")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.fullmatch(r"adaptbir-export: error: building sd21 fp16 engines needs about 8\.\d GiB more memory at "
+                        r"its peak \(ONNX Runtime check of unet\), but only 3\.0 GiB is available; .*", err[0])
+    assert os.listdir(tmp_path) == []
+
+
+def test_predicted_phases_follow_the_build(tmp_path):
+    config = load_config("sd21")
+    fp32, fp16 = (predict_build_memory(config, p, Capabilities(has_text_encoder=False)) for p in ("fp32", "fp16"))
+    weights = fp32.weights
+    assert 5.3 * 1024**3 < weights < 5.6 * 1024**3  # sd21: 1.4 G parameters without the text tower
+    assert fp32.phases["loading the weights"] == weights
+    assert fp32.phase == "tracing dual_encoder" and fp16.phase == "ONNX Runtime check of unet"
+    # the UNet's weights are freed before ONNX Runtime loads its graph: never two copies of it at once
+    assert fp32.phases["ONNX Runtime check of unet"] < 1.1 * weights
+    assert fp16.peak < 2 * weights  # the goal: peak <= 2x the fp32 weights
+    with_text = predict_build_memory(config, "fp32", Capabilities(has_text_encoder=True))
+    assert with_text.phases["loading the weights"] > weights + 1.2 * 1024**3  # the text tower, freed after
+    assert with_text.phases["tracing unet"] == fp32.phases["tracing unet"]
