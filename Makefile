@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,test]'
+	$(PY) -m pip install --quiet -e '.[export,openvino,test]'
 	$(PY) -m pip install --quiet --no-deps pyiqa==0.1.16
 	$(PY) tools/prune_pyiqa.py
 	touch $(STAMP)

@@ -51,9 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--backend", default="ort-cpu")
     p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
-    p.add_argument("--compare", choices=("torch", "fp16"),
+    p.add_argument("--compare", choices=("torch", "fp16", "openvino"),
                    help="torch: alternate with torch eager on the same weights; "
-                   "fp16: accuracy and speed of fp16 engines against fp32 ones of the same weights")
+                   "fp16: accuracy and speed of fp16 engines against fp32 ones of the same weights; "
+                   "openvino: the openvino backend (--cpu-precision) against --backend on the same directory")
+    p.add_argument("--cpu-precision", choices=("bf16", "f32"),
+                   help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
@@ -186,39 +189,46 @@ def measure(runners: dict[str, StageRunner], stages: list[str], warmup: int, run
 GATE_SCORES = (39.9, 40.0, 40.1, 69.9, 70.0, 70.1)
 
 
-def precision_accuracy(fp16: StageRunner, fp32: StageRunner, size: tuple[int, int], steps: int) -> dict[str, Any]:
-    """fp16 vs fp32 engine directories of the same weights on the same inputs."""
+def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str], size: tuple[int, int],
+             steps: int) -> dict[str, Any]:
+    """A reduced-precision side (fp16 engines, OpenVINO bf16) against its fp32 baseline on the same inputs:
+    every graph's PSNR over the baseline's range, the final image of a `steps`-step restore, MUSIQ."""
     from adaptbir.export.onnx_export import psnr
     from adaptbir.runtime.gating import gate
 
-    pipelines = {"fp32": fp32.pipeline, "fp16": fp16.pipeline}
+    pipelines = {"baseline": baseline.pipeline, "subject": subject.pipeline}
     graphs: dict[str, Any] = {}
-    calls = {"dual_encoder": {"image": fp32.image}, "unet": fp32.unet_feeds, "decoder": {"latent": fp32.latent}}
-    if pipelines["fp32"].engines.has("musiq"):
-        calls["musiq"] = fp32.musiq_feeds
+    calls = {"dual_encoder": {"image": baseline.image}, "unet": baseline.unet_feeds,
+             "decoder": {"latent": baseline.latent}}
+    if pipelines["baseline"].engines.has("musiq"):
+        calls["musiq"] = baseline.musiq_feeds
     for name, feeds in calls.items():
-        pairs = list(zip(pipelines["fp16"].engines.run(name, feeds), pipelines["fp32"].engines.run(name, feeds),
+        pairs = list(zip(pipelines["subject"].engines.run(name, feeds), pipelines["baseline"].engines.run(name, feeds),
                          strict=True))
-        dbs = [db for a, b in pairs if (db := psnr(a, b, float(np.ptp(b)))) is not None]
+        # peak: the output's range, or its magnitude for a single value (a score)
+        dbs = [db for a, b in pairs
+               if (db := psnr(a, b, max(float(np.ptp(b)), float(np.abs(b).max()), 1e-12))) is not None]
         graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in pairs),
                         "psnr_db": min(dbs) if dbs else None,
                         "finite": all(bool(np.all(np.isfinite(a))) for a, _ in pairs)}
-    images = {p: pipe.restore(fp32.photo, seed=0, steps=steps, score=55).image for p, pipe in pipelines.items()}
+    images = {p: pipe.restore(baseline.photo, seed=0, steps=steps, score=55).image for p, pipe in pipelines.items()}
     scores = {}
     for seed in range(4):  # a few different photos
         photo = (np.random.default_rng(seed).random((*size, 3)) * 255).astype(np.uint8)
         scores[seed] = {p: pipe.score(photo) for p, pipe in pipelines.items()}
-    shift = max(abs(v["fp16"] - v["fp32"]) for v in scores.values())
-    flips = [s for s in GATE_SCORES for d in (-shift, shift) if gate(s + d) != gate(s)]
+    shift = max(abs(v["subject"] - v["baseline"]) for v in scores.values())
+    # a score closer than `shift` to a class boundary may change class: those of GATE_SCORES that would
+    flips = sorted({s for s in GATE_SCORES for d in (-shift, shift) if gate(s + d).label != gate(s).label})
     return {
+        "subject": labels[0], "baseline": labels[1],
         "graphs": graphs,
         "final_image_steps": steps,
-        "final_image_psnr_db": psnr(images["fp16"], images["fp32"], peak=255.0),
-        "final_image_max_abs_u8": int(np.abs(images["fp16"].astype(int) - images["fp32"]).max()),
+        "final_image_psnr_db": psnr(images["subject"], images["baseline"], peak=255.0),
+        "final_image_max_abs_u8": int(np.abs(images["subject"].astype(int) - images["baseline"]).max()),
         "musiq_scores": scores, "musiq_max_abs_shift": shift,
         "gate_flips_near_40_70": flips,
-        "musiq_graph_identical": pipelines["fp16"].manifest.data["files"]["musiq.onnx"]
-        == pipelines["fp32"].manifest.data["files"]["musiq.onnx"],
+        "musiq_graph_identical": pipelines["subject"].manifest.data["files"]["musiq.onnx"]
+        == pipelines["baseline"].manifest.data["files"]["musiq.onnx"],
     }
 
 
@@ -281,9 +291,50 @@ def matmul_peak(threads: int | None, sizes: tuple[int, ...] = (2048, 4096), repe
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in "ab"}
         record("ort_fp32", n, lambda s=session, f=feeds: s.run(None, f))
+        try:  # OpenVINO's bf16 MatMul (oneDNN AVX512_BF16/AMX), what the openvino backend runs on
+            import openvino
+
+            config = {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                      **({"INFERENCE_NUM_THREADS": str(threads)} if threads else {})}
+            compiled = openvino.Core().compile_model(openvino.Core().read_model(model.SerializeToString()),
+                                                     "CPU", config)
+            request = compiled.create_infer_request()
+            record("openvino_bf16", n, lambda r=request, f=feeds: r.infer(f))
+        except ImportError:
+            pass
     return {**{f"{k}_gflops": v for k, v in best.items()},
-            "fp32_gflops": max(best["torch_fp32"], best["ort_fp32"]), "bf16_gflops": best["torch_bf16"],
-            "sizes": list(sizes)}
+            "fp32_gflops": max(best["torch_fp32"], best["ort_fp32"]),
+            "bf16_gflops": max(best["torch_bf16"], best.get("openvino_bf16", 0.0)), "sizes": list(sizes)}
+
+
+def openvino_compile_times(engines_dir: Path, args, size: tuple[int, int]) -> dict[str, float]:
+    """The first UNet call at the benchmark shape (where OpenVINO compiles) with an empty compiled-model
+    cache, then again in a new session with the cache it left: what a second load of a directory saves."""
+    import tempfile
+
+    from adaptbir.runtime.backends import Engines
+
+    feeds = {"x": np.zeros((1, 4, size[0] // 8, size[1] // 8), np.float32), "t": np.array([500])}
+    times: dict[str, float] = {}
+    saved = os.environ.get("ADAPTBIR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="adaptbir-ov-cache-") as cache:
+        os.environ["ADAPTBIR_CACHE_DIR"] = cache
+        try:
+            for label in ("cold", "warm"):
+                start = time.perf_counter()
+                engines = Engines.load(engines_dir, backend="openvino", threads=args.threads,
+                                       precision=args.cpu_precision)
+                times["load_s"] = time.perf_counter() - start
+                context = np.load(engines_dir / "context.npy")
+                unet = {**feeds, "context": context, "cond": feeds["x"], "w": np.array([0.5], np.float32)}
+                times[f"{label}_first_call_s"] = _timed(lambda e=engines, u=unet: e.run("unet", u))
+                del engines
+        finally:
+            if saved is None:
+                os.environ.pop("ADAPTBIR_CACHE_DIR", None)
+            else:
+                os.environ["ADAPTBIR_CACHE_DIR"] = saved
+    return times
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -292,9 +343,11 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend: str) -> dict[str, Any]:
+def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend: str,
+             precision: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "adaptbir.benchmarks.probe", "--engines", str(engines), "--size", size,
-           "--steps", str(steps), "--backend", backend] + (["--threads", str(threads)] if threads else [])
+           "--steps", str(steps), "--backend", backend] + (["--threads", str(threads)] if threads else []) + (
+        ["--cpu-precision", precision] if precision else [])
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "probe failed"}
@@ -307,7 +360,9 @@ def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend:
 def table(report: dict[str, Any]) -> str:
     stages = report["stages"]
     compare = next((side for side in report["sides"] if side != "runtime"), None)
-    head = f"{'stage':<14} {report['settings']['precision'] + ' runtime ms (median [min..max])':>34}"
+    subject = f"{report['settings'].get('backend_under_test', 'runtime')} {report['compute_precision']['runtime']}" \
+        if "compute_precision" in report else "runtime"
+    head = f"{'stage':<14} {subject + ' ms (median [min..max])':>34}"
     if compare:
         head += f" {compare + ' ms':>12} {'ratio':>7}"
     if report.get("flops"):
@@ -330,16 +385,25 @@ def table(report: dict[str, Any]) -> str:
         p = report["matmul_peak"]
         lines.append(f"machine matmul peak (square matmul, n in {p['sizes']}): fp32 {p['fp32_gflops']:.1f} GFLOP/s "
                      f"(torch {p['torch_fp32_gflops']:.1f}, ONNX Runtime {p['ort_fp32_gflops']:.1f}), "
-                     f"bf16 {p['bf16_gflops']:.1f} GFLOP/s (torch)")
+                     f"bf16 {p['bf16_gflops']:.1f} GFLOP/s (torch {p['torch_bf16_gflops']:.1f}"
+                     + (f", OpenVINO {p['openvino_bf16_gflops']:.1f})" if "openvino_bf16_gflops" in p else ")"))
     mem = report.get("memory", {})
     if "peak_rss_mib" in mem:
         lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
                      + (f" = {mem['rss_over_fp32_weights']:.2f} x fp32 weights" if "rss_over_fp32_weights" in mem
                         else ""))
+    base = report.get("memory_baseline", {})
+    if "peak_rss_mib" in base:
+        lines.append(f"baseline peak RSS (same restore, {report['sides'][1]}): {base['peak_rss_mib']:.0f} MiB")
     lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))
-    if "fp16_vs_fp32" in report:
-        a = report["fp16_vs_fp32"]
-        lines.append("fp16 vs fp32 engines (same inputs; ratio above = fp16 / fp32 time):")
+    if "openvino_compile" in report:
+        c = report["openvino_compile"]
+        lines.append(f"OpenVINO first UNet call (compiles for the shape): cold cache {c['cold_first_call_s']:.1f} s, "
+                     f"warm cache {c['warm_first_call_s']:.1f} s; directory load {c['load_s']:.1f} s")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        lines.append(f"{a['subject']} vs {a['baseline']} (same inputs; ratio above = {a['subject']} / "
+                     f"{a['baseline']} time):")
         for name, g in a["graphs"].items():
             psnr = "exact" if g["psnr_db"] in (None, float("inf")) else f"{g['psnr_db']:.1f} dB"
             lines.append(f"  {name:<14} max abs {g['max_abs']:.3g}, PSNR {psnr}"
@@ -348,7 +412,8 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"  final image    PSNR {'exact' if psnr is None else f'{psnr:.1f} dB'} (uint8, "
                      f"max {a['final_image_max_abs_u8']} levels, {a.get('final_image_steps', '?')} steps)")
         lines.append(f"  MUSIQ          max score shift {a['musiq_max_abs_shift']:.3g} (graph identical: "
-                     f"{a['musiq_graph_identical']}); gate flips near 40/70: {a['gate_flips_near_40_70'] or 'none'}")
+                     f"{a['musiq_graph_identical']}); of {', '.join(map(str, GATE_SCORES))} these change class: "
+                     f"{a['gate_flips_near_40_70'] or 'none'}")
     return "\n".join(lines)
 
 
@@ -396,41 +461,58 @@ def run(args) -> dict[str, Any]:
     if args.compare == "fp16":  # the fp16 directory is measured against the fp32 one; no torch weights kept
         fp32_dir, _ = _prepare(args, "fp32", keep_model=False)
         engines_dir, model = _prepare(args, "fp16", keep_model=False)
-    else:
-        engines_dir, model = _prepare(args)
-    engines = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
+    else:  # the torch model is kept for --compare torch and FLOP counts; an OpenVINO comparison needs the memory
+        engines_dir, model = _prepare(args, keep_model=args.compare != "openvino")
+    if args.compare == "openvino" and args.backend == "openvino":
+        raise AdaptBIRError("--compare openvino measures openvino against --backend: choose another --backend")
+    compile_times = openvino_compile_times(engines_dir, args, size) if args.compare == "openvino" else None
+    backend = "openvino" if args.compare == "openvino" else args.backend
+    engines = Engines.load(engines_dir, backend=backend, threads=args.threads, precision=args.cpu_precision)
     if not engines.has("musiq") and "musiq" in stages:
         stages.remove("musiq")
     runners = {"runtime": StageRunner(Pipeline(engines), size, args.steps)}
-    accuracy = None
+    report_accuracy = None
     if args.compare == "torch":
         from adaptbir.export.torch_engines import TorchEngines
 
         runners["torch"] = StageRunner(Pipeline(TorchEngines(engines.manifest, model, args.threads)), size, args.steps)
     elif args.compare == "fp16":
-        fp32 = Engines.load(fp32_dir, backend=args.backend, threads=args.threads)
+        fp32 = Engines.load(fp32_dir, backend=args.backend, threads=args.threads, precision=args.cpu_precision)
         runners["fp32"] = StageRunner(Pipeline(fp32), size, args.steps)
-        accuracy = precision_accuracy(runners["runtime"], runners["fp32"], size, args.steps)
+        report_accuracy = accuracy(runners["runtime"], runners["fp32"], ("fp16", "fp32"), size, args.steps)
+    elif args.compare == "openvino":
+        baseline = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
+        runners[args.backend] = StageRunner(Pipeline(baseline), size, args.steps)
+        labels = (f"openvino {engines.compute_precision}", f"{args.backend} {baseline.compute_precision}")
+        report_accuracy = accuracy(runners["runtime"], runners[args.backend], labels, size, args.steps)
     threads = args.threads or os.cpu_count()
     report: dict[str, Any] = {
         "settings": {"name": engines_dir.name, "engines": str(engines_dir), "size": args.size, "steps": args.steps,
                      "runs": args.runs, "warmup": args.warmup, "backend": args.backend,
-                     "precision": engines.manifest.precision, "command": " ".join(["adaptbir-bench", *sys.argv[1:]])},
+                     "precision": engines.manifest.precision, "backend_under_test": backend,
+                     "command": " ".join(["adaptbir-bench", *sys.argv[1:]])},
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "threads": threads, "python": platform.python_version()},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sides": list(runners),
+        "compute_precision": {side: r.pipeline.engines.compute_precision for side, r in runners.items()},
         "stages": measure(runners, stages, args.warmup, args.runs, lambda m: print(f"  {m}", file=sys.stderr)),
         "engine_bytes": {k: v["bytes"] for k, v in engines.manifest.data["files"].items()},
     }
-    if accuracy is not None:
-        report["fp16_vs_fp32"] = accuracy
+    if report_accuracy is not None:
+        report["accuracy"] = report_accuracy
+    if compile_times is not None:
+        report["openvino_compile"] = compile_times
     if model is not None:
         report["flops"] = stage_flops(model, runners["runtime"])
         report["matmul_peak"] = matmul_peak(args.threads)
         report["fp32_weight_bytes"] = 4 * sum(p.numel() for p in model.parameters())
     if not args.no_memory:
-        report["memory"] = peak_rss(engines_dir, args.size, args.steps, args.threads, args.backend)
+        report["memory"] = peak_rss(engines_dir, args.size, args.steps, args.threads, backend, engines.cpu_precision)
+        if args.compare in ("fp16", "openvino"):  # the same restore on the baseline side, for the ratio
+            base = next(r.pipeline.engines for side, r in runners.items() if side != "runtime")
+            report["memory_baseline"] = peak_rss(base.manifest.directory, args.size, args.steps, args.threads,
+                                                 base.backend, base.cpu_precision)
         if "peak_rss_mib" in report["memory"] and report.get("fp32_weight_bytes"):
             report["memory"]["rss_over_fp32_weights"] = report["memory"]["peak_rss_mib"] * 2**20 / report[
                 "fp32_weight_bytes"]

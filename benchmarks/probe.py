@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--backend", default="ort-cpu")
+    parser.add_argument("--cpu-precision", help="OpenVINO's precision (bf16 or f32)")
     args = parser.parse_args(argv)
 
     import numpy as np
@@ -35,14 +36,16 @@ def main(argv: list[str] | None = None) -> None:
 
     h, w = (int(s) for s in args.size.lower().split("x"))
     before = peak_rss_mib()
-    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads)
+    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
+                                     precision=args.cpu_precision)
     loaded = peak_rss_mib()
     image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
     start = time.perf_counter()
     pipeline.restore(image, seed=0, steps=args.steps)
     elapsed = time.perf_counter() - start
     print(json.dumps({"peak_rss_mib": peak_rss_mib(), "after_load_rss_mib": loaded, "before_load_rss_mib": before,
-                      "e2e_s": elapsed, "torch_loaded": False}))
+                      "e2e_s": elapsed, "torch_loaded": False, "backend": args.backend,
+                      "compute_precision": pipeline.engines.compute_precision}))
 
 
 if __name__ == "__main__":

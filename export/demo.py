@@ -32,7 +32,7 @@ def build_tiny_random(out: Path, seed: int) -> None:
     config = load_config("tiny")
     model, report = load_random(config, seed)
     context, source = empty_prompt_context(None, None, seed, config.context_dim)
-    build_engine_directory(model, report, config, out, context=context, context_source=source,
+    build_engine_directory(model, report, config, out, context=context, context_source=source, free=True,
                            progress=lambda line: print(f"  {line}"))
 
 

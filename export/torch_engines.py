@@ -19,6 +19,7 @@ from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGra
 
 class TorchEngines:
     backend = "torch-eager"
+    compute_precision = "fp32"  # the torch modules of the export, eager
 
     def __init__(self, manifest: Manifest, model: AdaptBIR, threads: int | None = None):
         if threads:

@@ -9,8 +9,11 @@ validated on hardware (see README).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +24,8 @@ from .errors import EngineError
 from .graphs import GraphSpec
 from .manifest import Manifest, load_manifest
 
-BACKENDS = ("ort-cpu", "ort-cuda", "ort-trt", "trt")
+BACKENDS = ("ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt")
+CPU_PRECISIONS = ("bf16", "f32")  # OpenVINO's inference precisions (INFERENCE_PRECISION_HINT)
 GPU_ORT = "replace the CPU wheel: pip uninstall onnxruntime && pip install onnxruntime-gpu"
 
 
@@ -53,6 +57,90 @@ class OrtSession:
         return self._session.run(self._outputs, feeds)
 
 
+def cache_root() -> Path:
+    """Per-user cache folder of compiled models: never inside an engine directory, which may be read-only."""
+    if os.environ.get("ADAPTBIR_CACHE_DIR"):
+        return Path(os.environ["ADAPTBIR_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptbir"
+
+
+def openvino_core():
+    try:
+        import openvino
+    except ImportError as err:
+        raise BackendError("backend openvino needs OpenVINO: pip install 'adaptbir[openvino]'") from err
+    return openvino.Core()
+
+
+def openvino_precision(core, requested: str | None) -> str:
+    """bf16 where the CPU has bf16 arithmetic (OpenVINO's OPTIMIZATION_CAPABILITIES), else f32."""
+    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    if requested is None:
+        return "bf16" if has_bf16 else "f32"
+    if requested not in CPU_PRECISIONS:
+        raise BackendError(f"CPU precision {requested!r}: choose one of {', '.join(CPU_PRECISIONS)}")
+    if requested == "bf16" and not has_bf16:
+        raise BackendError("CPU precision bf16: this CPU has no bf16 arithmetic (OpenVINO reports "
+                           f"{core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}); use --cpu-precision f32")
+    return requested
+
+
+class OpenVinoSession:
+    """One graph on OpenVINO's CPU plugin, compiled for the static shapes of each call.
+
+    A compiled model per input shape, the most recent `MAX_SHAPES` kept (tiling uses a few tile shapes);
+    compiled models are cached on disk by OpenVINO (CACHE_DIR) in a per-user folder keyed by the graph's
+    sha256, so a second load of the same directory skips compilation. Every call gets its own infer
+    request, so one session serves several threads at once.
+    """
+
+    MAX_SHAPES = 4
+
+    def __init__(self, core, path: Path, cache_key: str, precision: str, threads: int | None):
+        self._core, self._path = core, path
+        self._read()  # an unreadable graph fails here, in one line, not at the first call
+        self.precision = precision
+        self._config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
+                        "CACHE_DIR": str(cache_root() / "openvino" / cache_key)}
+        if threads:
+            self._config["INFERENCE_NUM_THREADS"] = str(threads)
+        self._compiled: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _read(self):
+        """The graph, read anew for each shape: a model kept between compilations would keep the file's
+        memory-mapped weights resident beside the compiled (e.g. bf16) copy."""
+        try:
+            return self._core.read_model(str(self._path))
+        except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
+            raise EngineError(f"OpenVINO cannot read {self._path}: {str(err).splitlines()[0]}") from err
+
+    def _compiled_for(self, feeds: dict[str, np.ndarray]):
+        key = tuple(sorted((name, array.shape) for name, array in feeds.items()))
+        with self._lock:
+            if key in self._compiled:
+                self._compiled.move_to_end(key)
+                return self._compiled[key]
+            import openvino
+
+            model = self._read()
+            model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in key})
+            try:
+                compiled = self._core.compile_model(model, "CPU", self._config)
+            except Exception as err:
+                raise EngineError(f"OpenVINO cannot compile {self._path} for {dict(key)}: "
+                                  f"{str(err).splitlines()[0]}") from err
+            self._compiled[key] = compiled
+            if len(self._compiled) > self.MAX_SHAPES:
+                self._compiled.popitem(last=False)
+            return compiled
+
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        compiled = self._compiled_for(feeds)
+        results = compiled.create_infer_request().infer(feeds)
+        return [np.array(results[output]) for output in compiled.outputs]  # copies out of the request
+
+
 def ort_providers(backend: str, directory: Path) -> list:
     import onnxruntime as ort
 
@@ -70,6 +158,32 @@ def ort_providers(backend: str, directory: Path) -> list:
     trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
     return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def backend_status() -> dict[str, str]:
+    """One line per backend: available (and in what precision), or what to install."""
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    status = {"ort-cpu": f"available (ONNX Runtime {ort.__version__}; the directory's precision)"}
+    try:
+        core = openvino_core()
+        import openvino
+
+        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        status["openvino"] = (f"available (OpenVINO {openvino.get_version().split('-')[0]}; default precision "
+                              f"{'bf16: this CPU has bf16 arithmetic' if bf16 else 'f32: no bf16 on this CPU'})")
+    except BackendError as err:
+        status["openvino"] = str(err).replace("backend openvino needs OpenVINO: ", "not installed: ")
+    for name, provider in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")):
+        status[name] = "available" if provider in providers else f"not available: {GPU_ORT}"
+    try:
+        import tensorrt
+
+        status["trt"] = f"available (TensorRT {tensorrt.__version__}; needs plans: adaptbir-export trt)"
+    except ImportError:
+        status["trt"] = "not available: pip install 'adaptbir[gpu]'"
+    return status
 
 
 class TrtSession:
@@ -152,19 +266,34 @@ def _validate_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> None:
 
 
 class Engines:
-    """The graphs of one engine directory on one backend; `run` validates feeds and checks outputs."""
+    """The graphs of one engine directory on one backend; `run` validates feeds and checks outputs.
 
-    def __init__(self, manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None):
+    `precision` is OpenVINO's inference precision (bf16 or f32; default bf16 where the CPU has it); the
+    other backends compute in the directory's own precision. MUSIQ always runs in f32, so the gates do not
+    depend on the backend's precision.
+    """
+
+    def __init__(self, manifest: Manifest, backend: str = "ort-cpu", threads: int | None = None,
+                 precision: str | None = None):
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+        if precision is not None and backend != "openvino":
+            raise BackendError(f"a CPU precision ({precision}) applies to the openvino backend only, not {backend}")
         self.manifest, self.backend, self.threads = manifest, backend, threads
+        self._core = openvino_core() if backend == "openvino" else None
+        self.cpu_precision = openvino_precision(self._core, precision) if self._core else None
         self.specs = {name: manifest.graph(name) for name in manifest.data["graphs"]}
         self.sessions: dict[str, Session] = {name: self._session(name) for name in self.specs}
 
     @classmethod
     def load(cls, directory: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-             verify: bool = True) -> Engines:
-        return cls(load_manifest(directory, verify=verify), backend, threads)
+             verify: bool = True, precision: str | None = None) -> Engines:
+        return cls(load_manifest(directory, verify=verify), backend, threads, precision)
+
+    @property
+    def compute_precision(self) -> str:
+        """What the UNet, encoders and decoder compute in on this backend."""
+        return self.cpu_precision or self.manifest.precision
 
     def _session(self, name: str) -> Session:
         if self.backend == "trt":
@@ -173,6 +302,12 @@ class Engines:
                 raise BackendError(f"backend trt: {self.manifest.directory} has no TensorRT plan for {name}; "
                                    "build them with `adaptbir-export trt --engines DIR --shape HxW`")
             return TrtSession(self.manifest.directory / plan["file"])
+        if self.backend == "openvino":
+            graph, files = self.manifest.data["graphs"][name], self.manifest.data["files"]
+            shas = "".join(files.get(f, {}).get("sha256", "") for f in (graph["file"], graph.get("external_data")) if f)
+            key = hashlib.sha256(shas.encode()).hexdigest()[:32]
+            precision = "f32" if name == "musiq" else self.cpu_precision
+            return OpenVinoSession(self._core, self.manifest.path(name), key, precision, self.threads)
         providers = ort_providers(self.backend, self.manifest.directory)
         return OrtSession(self.manifest.path(name), providers, self.threads)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .backends import BACKENDS, CPU_PRECISIONS, backend_status
 from .errors import AdaptBIRError, InputError
 
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -40,8 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories (recursive)")
     r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
     r.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
-    r.add_argument("--backend", default="ort-cpu", choices=("ort-cpu", "ort-cuda", "ort-trt", "trt"))
-    r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime (default: all cores)")
+    r.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
+                   help="ort-cpu (default), openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
+    r.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                   help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
+    r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
     r.add_argument("--steps", type=_steps, default=50, help="sampling steps (2..1000)")
     r.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
     r.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
@@ -108,7 +112,8 @@ def _restore(args) -> int:
     from .image_io import read_image, write_image
     from .pipeline import Pipeline
 
-    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads)
+    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
+                                     precision=args.cpu_precision)
     jobs, problems = collect_jobs(args.inputs, args.out, args.format)
     inputs = {j.source.resolve() for j in jobs}
     failures = [(p.split(":")[0], p) for p in problems]
@@ -168,6 +173,9 @@ def _info(args) -> int:
     from .manifest import load_manifest
 
     print(describe_manifest(load_manifest(args.engines, verify=not args.no_verify).data))
+    print("\nbackends on this machine")
+    for name, status in backend_status().items():
+        print(f"  {name:<12} {status}")
     return 0
 
 

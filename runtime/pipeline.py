@@ -82,11 +82,13 @@ class Result:
     sizes: dict[str, list[int]]
     tiled: bool
     warnings: list[str] = field(default_factory=list)
+    backend: str = "ort-cpu"
+    precision: str = "fp32"  # what the UNet, encoders and decoder computed in (MUSIQ: always fp32)
 
     def record(self) -> dict[str, Any]:
         return {"score": self.score, "class": self.label, "k": self.k, "w": self.w, "seed": self.seed,
                 "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled, "timings": self.timings,
-                "warnings": self.warnings}
+                "warnings": self.warnings, "backend": self.backend, "compute_precision": self.precision}
 
 
 @lru_cache(maxsize=16)
@@ -108,8 +110,9 @@ class Pipeline:
 
     @classmethod
     def from_engines(cls, path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                     verify: bool = True) -> Pipeline:
-        return cls(Engines.load(path, backend=backend, threads=threads, verify=verify))
+                     verify: bool = True, precision: str | None = None) -> Pipeline:
+        """`precision`: OpenVINO's inference precision, bf16 or f32 (default: bf16 where the CPU has it)."""
+        return cls(Engines.load(path, backend=backend, threads=threads, verify=verify, precision=precision))
 
     @property
     def identity(self) -> str:
@@ -277,7 +280,7 @@ class Pipeline:
         if measured is not None and measured < 0:  # the reference asserts this away; random weights do it
             notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
         return Result(out, measured, decision.label, decision.k, decision.w, seed, steps, timings.to_dict(),
-                      _sizes(geometry), latent.tiled, notes)
+                      _sizes(geometry), latent.tiled, notes, self.engines.backend, self.engines.compute_precision)
 
     @staticmethod
     def _like_input(image: Any, loaded: LoadedImage, rgb: np.ndarray) -> Any:
@@ -293,7 +296,8 @@ class Pipeline:
 
     def describe(self) -> dict[str, Any]:
         return {"engines": str(self.manifest.directory), "engine_id": self.identity, "backend": self.engines.backend,
-                "precision": self.manifest.precision, "runtime": __version__}
+                "precision": self.manifest.precision, "compute_precision": self.engines.compute_precision,
+                "runtime": __version__}
 
 
 def _sizes(g: Geometry) -> dict[str, list[int]]:

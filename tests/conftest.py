@@ -50,6 +50,48 @@ def tiny_engines(reference, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def musiq_feeds():
+    """`musiq_feeds(u8)`: pyiqa's own patch tensor of a uint8 image (the reference), split into the graph's
+    inputs."""
+    import torch
+    from pyiqa.data.multiscale_trans_util import get_multiscale_patches
+
+    def feeds(u8: np.ndarray) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(u8).float() / 255
+        opts = {"patch_size": 32, "patch_stride": 32, "hse_grid_size": 10, "longer_side_lengths": [224, 384],
+                "max_seq_len_from_original_res": -1}
+        p = get_multiscale_patches((x - 0.5) * 2, **opts).numpy()
+        return {"patches": p[..., :-3], "spatial_idx": p[..., -3].astype(np.int64),
+                "scale_idx": p[..., -2].astype(np.int64), "mask": p[..., -1]}
+
+    return feeds
+
+
+@pytest.fixture(scope="session")
+def threads_agree():
+    """`threads_agree(pipeline, photos)`: restoring the photos from one thread each gives exactly what
+    sequential calls with the same seeds give."""
+    import threading
+
+    def check(pipeline, photos: list[np.ndarray]) -> None:
+        sequential = [pipeline.restore(p, seed=i, steps=2, score=60).image for i, p in enumerate(photos)]
+        parallel: dict[int, np.ndarray] = {}
+
+        def work(i: int) -> None:
+            parallel[i] = pipeline.restore(photos[i], seed=i, steps=2, score=60).image
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(len(photos))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i, image in enumerate(sequential):
+            np.testing.assert_array_equal(parallel[i], image)
+
+    return check
+
+
+@pytest.fixture(scope="session")
 def parity():
     """`parity(case, actual, expected, atol)`: assert max |actual − expected| ≤ atol and log it."""
 

@@ -43,11 +43,34 @@ def test_bench_fp16_accuracy_report(tmp_path):
     report = json.loads(result_file.read_text())
     assert report["sides"] == ["runtime", "fp32"] and report["settings"]["precision"] == "fp16"
     assert len(report["stages"]["unet_step"]["ratio_runtime_over_fp32"]["pairs"]) == 1  # fp16 time / fp32 time
-    accuracy = report["fp16_vs_fp32"]
+    accuracy = report["accuracy"]
+    assert (accuracy["subject"], accuracy["baseline"]) == ("fp16", "fp32")
     assert set(accuracy["graphs"]) == {"dual_encoder", "unet", "decoder", "musiq"}
     assert all(g["finite"] for g in accuracy["graphs"].values())
     assert accuracy["graphs"]["unet"]["psnr_db"] >= 40 and accuracy["graphs"]["decoder"]["psnr_db"] >= 35
     assert accuracy["graphs"]["musiq"]["max_abs"] == 0 and accuracy["musiq_graph_identical"]
     assert accuracy["musiq_max_abs_shift"] == 0 and accuracy["gate_flips_near_40_70"] == []
     assert accuracy["final_image_steps"] == 2 and accuracy["final_image_psnr_db"] >= 35
-    assert "fp32 ms" in result.stdout and "fp16 vs fp32 engines" in result.stdout
+    assert "fp32 ms" in result.stdout and "fp16 vs fp32 (same inputs" in result.stdout
+
+
+def test_bench_openvino_against_ort_cpu(tmp_path):
+    result_file = tmp_path / "ov.json"
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
+           "--compare", "openvino", "--cpu-precision", "bf16", "--stages", "unet_step", "--steps", "2",
+           "--size", "256x256", "--json", str(result_file)]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result_file.read_text())
+    assert report["sides"] == ["runtime", "ort-cpu"]
+    assert report["compute_precision"] == {"runtime": "bf16", "ort-cpu": "fp32"}
+    assert len(report["stages"]["unet_step"]["ratio_runtime_over_ort-cpu"]["pairs"]) == 1
+    accuracy = report["accuracy"]
+    assert (accuracy["subject"], accuracy["baseline"]) == ("openvino bf16", "ort-cpu fp32")
+    assert accuracy["graphs"]["unet"]["psnr_db"] >= 40 and accuracy["graphs"]["dual_encoder"]["psnr_db"] >= 40
+    assert accuracy["graphs"]["decoder"]["psnr_db"] >= 35 and accuracy["final_image_psnr_db"] >= 35
+    assert accuracy["musiq_max_abs_shift"] <= 1e-3
+    compile_times = report["openvino_compile"]
+    assert compile_times["cold_first_call_s"] > 0 and compile_times["warm_first_call_s"] > 0
+    assert report["memory"]["backend"] == "openvino" and report["memory"]["compute_precision"] == "bf16"
+    assert report["memory_baseline"]["backend"] == "ort-cpu" and report["memory_baseline"]["peak_rss_mib"] > 0

@@ -9,8 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from pyiqa.data.multiscale_trans_util import get_multiscale_patches
 
 from adaptbir.export.cli import main as export_main
 from adaptbir.export.components import FP16_MIN_PSNR_DB
@@ -71,20 +69,10 @@ def test_decoder_graph_matches_golden(tiny_fp32, golden, parity, case):
     parity(f"onnx {tiny_fp32.name} {case} image", image, g["image"], 1e-4)
 
 
-def _musiq_feeds(u8: np.ndarray) -> dict[str, np.ndarray]:
-    """pyiqa's own patch tensor (the reference), split into the graph's inputs."""
-    x = torch.from_numpy(u8).float() / 255
-    opts = {"patch_size": 32, "patch_stride": 32, "hse_grid_size": 10, "longer_side_lengths": [224, 384],
-            "max_seq_len_from_original_res": -1}
-    p = get_multiscale_patches((x - 0.5) * 2, **opts).numpy()
-    return {"patches": p[..., :-3], "spatial_idx": p[..., -3].astype(np.int64),
-            "scale_idx": p[..., -2].astype(np.int64), "mask": p[..., -1]}
-
-
 @pytest.mark.parametrize("image", ["a", "b"])
-def test_musiq_graph_matches_golden(tiny_fp32, tiny_fp16, golden, parity, image):
+def test_musiq_graph_matches_golden(tiny_fp32, tiny_fp16, golden, parity, musiq_feeds, image):
     g = golden("musiq")
-    feeds = _musiq_feeds(g[f"x_u8_{image}"])
+    feeds = musiq_feeds(g[f"x_u8_{image}"])
     for directory in (tiny_fp32, tiny_fp16):  # MUSIQ stays fp32 in fp16 directories
         (score,) = run_onnx(directory / "musiq.onnx", feeds)
         parity(f"onnx {directory.name} musiq {image} score", score, g[f"score_{image}"], 1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -69,21 +68,8 @@ def test_restore_returns_the_input_kind_and_size(pipeline):
     assert isinstance(pil, Image.Image) and pil.size == (180, 140)
 
 
-def test_same_seed_same_result_and_threads_agree(pipeline):
-    photos = [_photo(64, 64, seed=s) for s in range(3)]
-    sequential = [pipeline.restore(p, seed=s, steps=2, score=60).image for s, p in enumerate(photos)]
-    parallel: dict[int, np.ndarray] = {}
-
-    def work(i: int) -> None:
-        parallel[i] = pipeline.restore(photos[i], seed=i, steps=2, score=60).image
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i in range(3):
-        np.testing.assert_array_equal(parallel[i], sequential[i])
+def test_same_seed_same_result_and_threads_agree(pipeline, threads_agree):
+    threads_agree(pipeline, [_photo(64, 64, seed=s) for s in range(3)])
 
 
 def test_gating_and_overrides(pipeline):
