@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.errors import EngineError, InputError
 from adaptbir.runtime.pipeline import Pipeline
 
@@ -32,17 +33,22 @@ def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
 
 
-def test_end_to_end_golden(pipeline, golden, parity):
-    """pipeline_e2e.npz through the float-input entry point (steps 3-6 on an already padded image)."""
+@pytest.mark.parametrize("backend", ["ort-cpu", "openvino-f32"])
+def test_end_to_end_golden(pipeline, golden, parity, backend):
+    """pipeline_e2e.npz through the float-input entry point (steps 3-6 on an already padded image); OpenVINO
+    in f32 meets the same contract with the same tolerances."""
     g = golden("pipeline_e2e")
-    pipeline = Pipeline(pipeline.engines, context=g["context"])  # the text-encoder stand-in of the golden
+    engines = pipeline.engines
+    if backend == "openvino-f32":  # the openvino extra is part of the test install: never skipped
+        engines = Engines(engines.manifest, backend="openvino", precision="f32")
+    pipeline = Pipeline(engines, context=g["context"])  # the text-encoder stand-in of the golden
     decision = pipeline.decide(float(g["musiq_score"]))
     assert decision.k == float(g["k"]) and decision.w == pytest.approx(float(g["csft_w"]), abs=1e-15)
     x = np.ascontiguousarray(g["control_img_hwc"].transpose(2, 0, 1)[None])
     result = pipeline.restore_float(x, score=float(g["musiq_score"]), steps=int(g["steps"]), x_T=g["x_T"],
                                     noise=g["noise"])
     assert (result.gate.k, result.gate.w) == (decision.k, decision.w)
-    parity("e2e final_latent_contract", result.final_latent, g["final_latent_contract"], 1e-3)
+    parity(f"e2e {backend} final_latent_contract", result.final_latent, g["final_latent_contract"], 1e-3)
     diff = np.abs(result.image_u8.astype(np.int16) - g["output_u8_contract"].astype(np.int16))
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size, (diff.max(), np.count_nonzero(diff))
     measured = pipeline.restore_float(x, steps=2, seed=0)  # without a score, MUSIQ runs on the image

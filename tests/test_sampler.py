@@ -10,6 +10,14 @@ import pytest
 from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.sampler import NoiseSource, Schedule, sample, spaced_timesteps, step
 
+GOLDEN_BACKENDS = ["ort-cpu", "openvino-f32"]  # OpenVINO in f32 meets the same contract with the same tolerances
+
+
+def engines_on(directory, backend: str) -> Engines:
+    if backend == "openvino-f32":  # the openvino extra is part of the test install: never skipped
+        return Engines.load(directory, backend="openvino", precision="f32")
+    return Engines.load(directory, backend=backend)
+
 SCHEDULE_FIELDS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_recip_alphas_cumprod",
                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2")
 FINAL_TOL = {"sampler": 1e-3, "sampler_50": 2e-3}  # reference README §8 (values reach ~80)
@@ -38,10 +46,11 @@ def test_schedule_arrays_match(golden, case):
         assert np.array_equal(getattr(schedule, name).astype(np.float32), g[f"sched_{name}"].astype(np.float32))
 
 
+@pytest.mark.parametrize("backend", GOLDEN_BACKENDS)
 @pytest.mark.parametrize("case", sorted(FINAL_TOL))
-def test_sampler_reproduces_the_reference_loop(tiny_engines, golden, parity, case):
+def test_sampler_reproduces_the_reference_loop(tiny_engines, golden, parity, case, backend):
     g = golden(case)
-    engines = Engines.load(tiny_engines)
+    engines = engines_on(tiny_engines, backend)
     feeds = {"context": g["context"], "cond": g["cond"], "w": g["csft_w"]}
     seen_t = []
 
@@ -51,7 +60,7 @@ def test_sampler_reproduces_the_reference_loop(tiny_engines, golden, parity, cas
 
     final = sample(eps, g["x_T"], Schedule.create(int(g["steps"])), lambda i: g["noise"][i])
     np.testing.assert_array_equal(np.stack(seen_t), g["step_t"])
-    parity(f"sampler {case} final_latent_from_cond", final, g["final_latent_from_cond"], FINAL_TOL[case])
+    parity(f"sampler {backend} {case} final_latent_from_cond", final, g["final_latent_from_cond"], FINAL_TOL[case])
 
 
 def test_one_step_matches_the_recorded_step(golden):
