@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 
 STAGES = ("musiq", "dual_encoder", "unet_step", "loop", "decoder", "e2e")
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="torch: alternate with torch eager on the same weights; "
                    "fp16: accuracy and speed of fp16 engines against fp32 ones of the same weights; "
                    "openvino: the openvino backend (--cpu-precision) against --backend on the same directory")
-    p.add_argument("--cpu-precision", choices=("bf16", "f32"),
+    p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
@@ -193,7 +194,7 @@ def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str
              steps: int) -> dict[str, Any]:
     """A reduced-precision side (fp16 engines, OpenVINO bf16) against its fp32 baseline on the same inputs:
     every graph's PSNR over the baseline's range, the final image of a `steps`-step restore, MUSIQ."""
-    from adaptbir.export.onnx_export import psnr
+    from adaptbir.export.onnx_export import psnr, psnr_over_range
     from adaptbir.runtime.gating import gate
 
     pipelines = {"baseline": baseline.pipeline, "subject": subject.pipeline}
@@ -205,9 +206,7 @@ def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str
     for name, feeds in calls.items():
         pairs = list(zip(pipelines["subject"].engines.run(name, feeds), pipelines["baseline"].engines.run(name, feeds),
                          strict=True))
-        # peak: the output's range, or its magnitude for a single value (a score)
-        dbs = [db for a, b in pairs
-               if (db := psnr(a, b, max(float(np.ptp(b)), float(np.abs(b).max()), 1e-12))) is not None]
+        dbs = [db for a, b in pairs if (db := psnr_over_range(a, b)) is not None]
         graphs[name] = {"max_abs": max(float(np.abs(a - b).max()) for a, b in pairs),
                         "psnr_db": min(dbs) if dbs else None,
                         "finite": all(bool(np.all(np.isfinite(a))) for a, _ in pairs)}

@@ -145,7 +145,7 @@ def _export_graph(component: Component, out: Path, precision: str, key: str,
     """Trace, convert and write one graph, then check it against torch under ONNX Runtime.
 
     Torch's outputs are computed first and the component's weights freed before ONNX Runtime loads the
-    graph, so the two copies of a model never share the memory (the build's peak, see `build_memory`)."""
+    graph, so the two copies of a model never share the memory (the build's peak, see `export/memory.py`)."""
     graph_precision = precision if component.fp16_allowed else "fp32"
     with tempfile.TemporaryDirectory(prefix=".trace-", dir=out) as trace:
         progress("tracing")
@@ -158,9 +158,7 @@ def _export_graph(component: Component, out: Path, precision: str, key: str,
             fp32_ops["nodes"] = sorted(n for names in keep.values() for n in names)
         progress("writing")
         external = graph.save(out / component.spec.file)
-    samples = {"sample": component.sample}
-    if graph_precision == "fp16" and component.full_size_sample is not None:
-        samples["full_size"] = component.full_size_sample
+    samples = component.check_samples(graph_precision)
     progress("torch reference")
     expected = {label: torch_outputs(component, sample) for label, sample in samples.items()}
     free_weights()
@@ -188,10 +186,8 @@ def _export_graph(component: Component, out: Path, precision: str, key: str,
 
 def free_weights(done: Component, later: list[Component]) -> None:
     """Free the weights of `done`'s parts that no later graph holds (they become meta tensors)."""
-    needed = {id(part) for component in later for part in component.parts}
-    for part in done.parts:
-        if id(part) not in needed:
-            part.to("meta")
+    for part in done.parts_to_free(later):
+        part.to("meta")
 
 
 def _save_context(out: Path, context: np.ndarray) -> None:
@@ -213,7 +209,7 @@ def build_engine_directory(
     parity check: a failed or interrupted build leaves the previous directory as it was. With `free`, the
     build owns `model` and frees each part's weights once the last graph holding them is written and
     measured (the model cannot be used afterwards); this bounds the peak memory to about one copy of the
-    model plus its largest graph (see `build_memory`).
+    model plus its largest graph (see `export/memory.py`).
     """
     if precision not in ("fp32", "fp16"):
         raise AdaptBIRError(f"precision must be fp32 or fp16, not {precision!r}")

@@ -49,6 +49,18 @@ class Component:
     def name(self) -> str:
         return self.spec.name
 
+    def check_samples(self, graph_precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
+        """The inputs its graph is checked on: the sample, and for fp16 graphs the full-size one too."""
+        samples = {"sample": self.sample}
+        if graph_precision == "fp16" and self.full_size_sample is not None:
+            samples["full_size"] = self.full_size_sample
+        return samples
+
+    def parts_to_free(self, later: list[Component]) -> list[nn.Module]:
+        """Its parts that no later graph holds: their weights are not needed once its graph is checked."""
+        needed = {id(part) for component in later for part in component.parts}
+        return [part for part in self.parts if id(part) not in needed]
+
 
 def musiq_sample(batch: int, native: int, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
     """A token set shaped like a real one: 49 + 144 resized-scale slots (some masked), then native patches."""

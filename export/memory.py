@@ -24,7 +24,7 @@ import torch
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.memory import GiB, rss_bytes
 
-from .components import FULL_SIZE_IMAGE, SAMPLE_BATCH, SAMPLE_IMAGE, components
+from .components import components
 from .config import ModelConfig
 from .model import AdaptBIR, Capabilities
 from .onnx_export import PROTOBUF_LIMIT, WRITE_IN_FLIGHT_BYTES
@@ -56,37 +56,36 @@ def _bytes(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(t.numel() * 4 for t in (*module.parameters(), *module.buffers()))
 
 
-def _attention_bytes(config: ModelConfig, graph: str, image: tuple[int, int], batch: int) -> int:
-    """The attention score tensors torch holds at once: the UNet's first level (h·w tokens, one score matrix
-    per head) or the VAE decoder's mid-block (one head at h·w tokens)."""
-    tokens = image[0] * image[1] // 64
+def _attention_bytes(config: ModelConfig, graph: str, sample: tuple[torch.Tensor, ...]) -> int:
+    """The attention score tensors torch holds at once on `sample` (its first input is the latent): the
+    UNet's first level (h·w tokens, one score matrix per head) or the VAE decoder's mid-block (one head)."""
+    batch, _, h, w = sample[0].shape
     heads = max(config.unet.model_channels // config.unet.num_head_channels, 1) if graph == "unet" else 1
-    return ATTENTION_COPIES * batch * heads * tokens * tokens * 4
+    return ATTENTION_COPIES * batch * heads * (h * w) ** 2 * 4
 
 
 def predict_build_memory(config: ModelConfig, precision: str, capabilities: Capabilities | None = None
                          ) -> BuildMemory:
-    """Predict the build's peak from the parameter counts of `config` (a meta-device model: no memory)."""
+    """Predict the build's peak from the parameter counts of `config` (a meta-device model: no memory),
+    following the build's own order of graphs, check samples and freed parts."""
     caps = capabilities or Capabilities(has_text_encoder=config.text_encoder is not None)
     with torch.device("meta"):
         model = AdaptBIR(config, caps)
     comps = components(model, torch.zeros(1, 77, config.context_dim))
-    graph_bytes = [sum(_bytes(p) for p in c.parts) for c in comps]
     held = _bytes(model) - _bytes(model.text_encoder)
     phases = {"loading the weights": _bytes(model)}
-    for i, (component, size) in enumerate(zip(comps, graph_bytes, strict=True)):
-        converted = precision == "fp16" and component.fp16_allowed
+    for i, component in enumerate(comps):
+        size = sum(_bytes(p) for p in component.parts)
+        graph_precision = precision if component.fp16_allowed else "fp32"
         export = INLINE_EXPORT_COPIES * size if size < PROTOBUF_LIMIT else STREAM_OVERHEAD
         phases[f"tracing {component.name}"] = held + int(export)
-        check = (FULL_SIZE_IMAGE, 1) if converted and component.full_size_sample is not None else (
-            SAMPLE_IMAGE, SAMPLE_BATCH)
         if component.name in ("unet", "decoder"):
-            phases[f"torch reference of {component.name}"] = held + _attention_bytes(config, component.name, *check)
-        later = {id(p) for c in comps[i + 1:] for p in c.parts}
-        held -= sum(_bytes(p) for p in component.parts if id(p) not in later)
-        file = size / 2 if converted else size
-        phases[f"ONNX Runtime check of {component.name}"] = held + int(
-            ORT_SESSION_FACTOR["fp16" if converted else "fp32"] * file)
+            activations = max(_attention_bytes(config, component.name, sample)
+                              for sample in component.check_samples(graph_precision).values())
+            phases[f"torch reference of {component.name}"] = held + activations
+        held -= sum(_bytes(p) for p in component.parts_to_free(comps[i + 1:]))
+        file = size / 2 if graph_precision == "fp16" else size
+        phases[f"ONNX Runtime check of {component.name}"] = held + int(ORT_SESSION_FACTOR[graph_precision] * file)
     phase = max(phases, key=phases.__getitem__)
     return BuildMemory(phases[phase], phase, _bytes(model), phases, rss_bytes() or 0)
 

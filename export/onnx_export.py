@@ -218,6 +218,12 @@ def psnr(actual: np.ndarray, expected: np.ndarray, peak: float) -> float | None:
     return None if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
+def psnr_over_range(actual: np.ndarray, expected: np.ndarray) -> float | None:
+    """PSNR over the expected output's range, or its magnitude for a single value (a score)."""
+    expected = np.asarray(expected, np.float64)
+    return psnr(actual, expected, max(float(np.ptp(expected)), float(np.abs(expected).max()), 1e-12))
+
+
 def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, precision: str) -> Parity:
     """Worst case over the outputs, judged by the precision's rule (abs error for fp32, PSNR for fp16)."""
     max_abs, max_rel, worst = 0.0, 0.0, math.inf
@@ -228,8 +234,7 @@ def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, pre
         err = np.abs(a - e)
         max_abs = max(max_abs, float(err.max()))
         max_rel = max(max_rel, float(err.max() / max(np.abs(e).max(), 1e-12)))
-        # peak: the output's range, or its magnitude for a single value (a score)
-        db = psnr(a, e, max(float(np.ptp(e)), float(np.abs(e).max()), 1e-12))
+        db = psnr_over_range(a, e)
         if db is not None:
             worst = min(worst, db)
     if precision == "fp16" and FP16_MIN_PSNR_DB[name] != math.inf:

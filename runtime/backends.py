@@ -74,14 +74,14 @@ def openvino_core():
 
 def openvino_precision(core, requested: str | None) -> str:
     """bf16 where the CPU has bf16 arithmetic (OpenVINO's OPTIMIZATION_CAPABILITIES), else f32."""
-    has_bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    capabilities = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     if requested is None:
-        return "bf16" if has_bf16 else "f32"
+        return "bf16" if "BF16" in capabilities else "f32"
     if requested not in CPU_PRECISIONS:
         raise BackendError(f"CPU precision {requested!r}: choose one of {', '.join(CPU_PRECISIONS)}")
-    if requested == "bf16" and not has_bf16:
-        raise BackendError("CPU precision bf16: this CPU has no bf16 arithmetic (OpenVINO reports "
-                           f"{core.get_property('CPU', 'OPTIMIZATION_CAPABILITIES')}); use --cpu-precision f32")
+    if requested == "bf16" and "BF16" not in capabilities:
+        raise BackendError(f"CPU precision bf16: this CPU has no bf16 arithmetic (OpenVINO reports {capabilities}); "
+                           "use --cpu-precision f32")
     return requested
 
 
@@ -98,7 +98,8 @@ class OpenVinoSession:
 
     def __init__(self, core, path: Path, cache_key: str, precision: str, threads: int | None):
         self._core, self._path = core, path
-        self._read()  # an unreadable graph fails here, in one line, not at the first call
+        # Read at load, so an unreadable graph fails here in one line; the first compilation uses it.
+        self._first_read = self._read()
         self.precision = precision
         self._config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
                         "CACHE_DIR": str(cache_root() / "openvino" / cache_key)}
@@ -123,7 +124,8 @@ class OpenVinoSession:
                 return self._compiled[key]
             import openvino
 
-            model = self._read()
+            model = self._first_read if self._first_read is not None else self._read()
+            self._first_read = None  # later shapes read the graph anew (see `_read`)
             model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in key})
             try:
                 compiled = self._core.compile_model(model, "CPU", self._config)
@@ -170,7 +172,7 @@ def backend_status() -> dict[str, str]:
         core = openvino_core()
         import openvino
 
-        bf16 = "BF16" in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+        bf16 = openvino_precision(core, None) == "bf16"
         status["openvino"] = (f"available (OpenVINO {openvino.get_version().split('-')[0]}; default precision "
                               f"{'bf16: this CPU has bf16 arithmetic' if bf16 else 'f32: no bf16 on this CPU'})")
     except BackendError as err:
