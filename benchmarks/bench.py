@@ -121,8 +121,8 @@ class StageRunner:
         self.musiq_feeds = batch_feeds([extract_tokens(self.photo)])
         self.unet_feeds = {"x": self.latent, "t": np.array([500]), "context": pipeline.context,
                            "cond": self.cond, "w": np.array([0.8], np.float32)}
-        cfg = pipeline.manifest.data["schedule"]
-        self.schedule = Schedule.create(steps, cfg["linear_start"], cfg["linear_end"], cfg["timesteps"])
+        cfg = pipeline.manifest.schedule
+        self.schedule = Schedule.create(steps, cfg.linear_start, cfg.linear_end, cfg.timesteps)
 
     def run(self, stage: str) -> dict[str, float]:
         """Seconds of one execution of `stage`, plus engine time and overhead for e2e."""
@@ -226,8 +226,8 @@ def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str
         "final_image_max_abs_u8": int(np.abs(images["subject"].astype(int) - images["baseline"]).max()),
         "musiq_scores": scores, "musiq_max_abs_shift": shift,
         "gate_flips_near_40_70": flips,
-        "musiq_graph_identical": pipelines["subject"].manifest.data["files"]["musiq.onnx"]
-        == pipelines["baseline"].manifest.data["files"]["musiq.onnx"],
+        "musiq_graph_identical": pipelines["subject"].manifest.files["musiq.onnx"]
+        == pipelines["baseline"].manifest.files["musiq.onnx"],
     }
 
 
@@ -496,7 +496,7 @@ def run(args) -> dict[str, Any]:
         "sides": list(runners),
         "compute_precision": {side: r.pipeline.engines.compute_precision for side, r in runners.items()},
         "stages": measure(runners, stages, args.warmup, args.runs, lambda m: print(f"  {m}", file=sys.stderr)),
-        "engine_bytes": {k: v["bytes"] for k, v in engines.manifest.data["files"].items()},
+        "engine_bytes": {k: v.bytes for k, v in engines.manifest.files.items()},
     }
     if report_accuracy is not None:
         report["accuracy"] = report_accuracy

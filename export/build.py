@@ -13,7 +13,7 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,17 @@ import torch
 from adaptbir.runtime import __version__
 from adaptbir.runtime.atomic import atomic_write, staged_directory
 from adaptbir.runtime.errors import AdaptBIRError, EngineError
-from adaptbir.runtime.gating import RULE
 from adaptbir.runtime.manifest import (
+    CONTEXT_FILE,
     MANIFEST,
-    RUNTIME_RANGE,
-    SCHEMA_VERSION,
-    file_entry,
-    load_manifest,
-    write_json_atomic,
+    ContextEntry,
+    FileRecord,
+    GraphEntry,
+    Latent,
+    Manifest,
+    MusiqLimits,
+    ScheduleConfig,
+    read_manifest,
 )
 from adaptbir.runtime.musiq_patches import FIXED_TOKENS, token_count
 
@@ -43,7 +46,6 @@ from .onnx_export import FP32_OP_TYPES, OPSET, check_parity, export_onnx, torch_
 from .text_encoder import TextEncoder
 
 DEFAULT_N_MAX = token_count(2048, 2048)  # MUSIQ tokens of a 2048x2048 (padded) image
-CONTEXT_FILE = "context.npy"
 
 
 class ExportError(AdaptBIRError):
@@ -53,7 +55,7 @@ class ExportError(AdaptBIRError):
 @dataclass
 class GraphResult:
     name: str
-    entry: dict[str, Any]
+    entry: GraphEntry
     reused: bool
 
 
@@ -105,35 +107,30 @@ def empty_prompt_context(model_text: TextEncoder | None, context_file: Path | No
     return rng.standard_normal((1, 77, width), dtype=np.float32), f"random, seed {seed}"
 
 
-def _previous(out: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Graphs and file records of the directory's current manifest; empty when there is none (or an old or
-    foreign one: then everything is rebuilt)."""
+def _previous(out: Path) -> Manifest | None:
+    """The directory's current manifest; None when there is none (or an old, foreign or damaged one: then
+    everything is rebuilt)."""
     if not (out / MANIFEST).is_file():
-        return {}, {}
+        return None
     try:
-        data = load_manifest(out, verify=False).data
+        return read_manifest(out)
     except EngineError:
-        return {}, {}
-    return data["graphs"], data["files"]
+        return None
 
 
-def _graph_files(entry: dict[str, Any]) -> list[str]:
-    return [f for f in (entry["file"], entry.get("external_data")) if f]
-
-
-def _reusable(out: Path, previous: dict[str, Any], name: str, key: str, files: dict[str, Any]) -> bool:
-    entry = previous.get(name)
-    if not entry or entry.get("source_key") != key:
+def _reusable(previous: Manifest | None, name: str, key: str) -> bool:
+    entry = previous.graphs.get(name) if previous else None
+    if entry is None or entry.source_key != key:
         return False
     try:
-        return all(file_entry(out / file) == files[file] for file in _graph_files(entry))
+        return all(FileRecord.of(previous.directory / file) == previous.files[file] for file in entry.files)
     except (KeyError, OSError):
         return False
 
 
-def _reuse(entry: dict[str, Any], old: Path, new: Path) -> None:
+def _reuse(entry: GraphEntry, old: Path, new: Path) -> None:
     """Carry an up-to-date graph into the new directory: a hard link, a copy where links are impossible."""
-    for file in _graph_files(entry):
+    for file in entry.files:
         try:
             os.link(old / file, new / file)
         except OSError:
@@ -141,7 +138,7 @@ def _reuse(entry: dict[str, Any], old: Path, new: Path) -> None:
 
 
 def _export_graph(component: Component, out: Path, precision: str, key: str,
-                  free_weights: Callable[[], None], progress: Callable[[str], None]) -> dict[str, Any]:
+                  free_weights: Callable[[], None], progress: Callable[[str], None]) -> GraphEntry:
     """Trace, convert and write one graph, then check it against torch under ONNX Runtime.
 
     Torch's outputs are computed first and the component's weights freed before ONNX Runtime loads the
@@ -172,16 +169,12 @@ def _export_graph(component: Component, out: Path, precision: str, key: str,
                 f"input ({parity[label].tolerance}): max abs {parity[label].max_abs:.3g}, "
                 f"PSNR {parity[label].psnr_db} dB"
             )
-    entry = {
-        "file": component.spec.file, "external_data": external,
-        "inputs": [t.to_dict() for t in component.spec.inputs],
-        "outputs": [t.to_dict() for t in component.spec.outputs],
-        "precision": graph_precision, "fp32_ops": fp32_ops, "parity": parity["sample"].to_dict(),
-        "source_key": key,
-    }
-    if "full_size" in parity:
-        entry["parity_full_size"] = {**parity["full_size"].to_dict(), "image": list(FULL_SIZE_IMAGE)}
-    return entry
+    full_size = parity.get("full_size")
+    return GraphEntry(
+        component.spec.file, external, component.spec.inputs, component.spec.outputs, graph_precision, fp32_ops,
+        parity["sample"].to_dict(), key,
+        {**full_size.to_dict(), "image": list(FULL_SIZE_IMAGE)} if full_size else None,
+    )
 
 
 def free_weights(done: Component, later: list[Component]) -> None:
@@ -202,7 +195,7 @@ def build_engine_directory(
     model, report: LoadReport, config: ModelConfig, out: Path, *, precision: str = "fp32",
     context: np.ndarray, context_source: str, n_max: int = DEFAULT_N_MAX, free: bool = False,
     progress: Callable[[str], None] = print,
-) -> dict[str, Any]:
+) -> Manifest:
     """Export every graph of `model` into `out` and write the manifest; returns the manifest.
 
     The directory is built in a hidden sibling and replaces `out` only when every graph has passed its
@@ -217,7 +210,7 @@ def build_engine_directory(
         raise AdaptBIRError(f"--musiq-n-max must be at least {FIXED_TOKENS + 1}")
     out = Path(out)
     tools = tool_versions()
-    previous, old_files = _previous(out)
+    previous = _previous(out)
     if free and model.text_encoder is not None:
         model.text_encoder.to("meta")  # the context is computed: the text tower is not part of any graph
     try:
@@ -229,10 +222,10 @@ def build_engine_directory(
                 key = source_key(component, precision, tools)
                 step = f"[{i}/{len(comps)}] {component.name}"
                 release = (lambda c=component, i=i: free_weights(c, comps[i:])) if free else (lambda: None)
-                if _reusable(out, previous, component.name, key, old_files):
+                if _reusable(previous, component.name, key):
                     progress(f"{step}: up to date, reused")
-                    _reuse(previous[component.name], out, staging)
-                    results.append(GraphResult(component.name, previous[component.name], True))
+                    _reuse(previous.graphs[component.name], out, staging)
+                    results.append(GraphResult(component.name, previous.graphs[component.name], True))
                     release()
                     continue
                 label = f"{step} ({precision if component.fp16_allowed else 'fp32'})"
@@ -240,48 +233,28 @@ def build_engine_directory(
                                       lambda phase, label=label: progress(f"{label}: {phase}"))
                 results.append(GraphResult(component.name, entry, False))
             manifest = _manifest(config, report, staging, out.name, precision, context, context_source, n_max,
-                                 tools, results)
-            write_json_atomic(staging / MANIFEST, manifest)
+                                 tools, results).write(staging)
     except FileExistsError as err:
         raise AdaptBIRError(f"--out {out}: {err}; choose a new or empty folder, or an engine directory") from err
-    return manifest
+    return replace(manifest, directory=out)
 
 
 def _manifest(config: ModelConfig, report: LoadReport, out: Path, name: str, precision: str, context: np.ndarray,
-              context_source: str, n_max: int, tools: dict[str, str], results: list[GraphResult]) -> dict:
+              context_source: str, n_max: int, tools: dict[str, str], results: list[GraphResult]) -> Manifest:
     graphs = {r.name: r.entry for r in results}
-    files = {CONTEXT_FILE: file_entry(out / CONTEXT_FILE)}
+    files = {CONTEXT_FILE: FileRecord.of(out / CONTEXT_FILE)}
     for entry in graphs.values():
-        for file in _graph_files(entry):
-            files[file] = file_entry(out / file)
+        files.update({file: FileRecord.of(out / file) for file in entry.files})
     schedule = config.schedule
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": name,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "precision": precision,
-        "preset": config.name,
-        "hyperparameters": config.to_dict(),
-        "latent": {"scale_factor": config.scale_factor, "channels": 4, "downsample_factor": 8, "pad_multiple": 64},
-        "schedule": {
-            "beta_schedule": "linear", "linear_start": schedule.linear_start, "linear_end": schedule.linear_end,
-            "timesteps": schedule.timesteps, "parameterization": "eps", "variance": "fixed_small",
-            "default_steps": 50,
-        },
-        "gating": dict(RULE),
-        "capabilities": report.capabilities.to_dict(),
-        "musiq": {
-            "n_max": n_max, "n_min": FIXED_TOKENS + 1, "patch_size": config.musiq.patch_size,
-            "longer_side_lengths": list(config.musiq.longer_side_lengths),
-            "spatial_pos_grid_size": config.musiq.spatial_pos_grid_size,
-        },
-        "context": {"file": CONTEXT_FILE, "shape": list(context.shape), "source": context_source},
-        "graphs": graphs,
-        "files": files,
-        "checkpoint": {
-            "sources": report.sources, "notes": report.notes,
-            "ignored": {reason: len(keys) for reason, keys in report.ignored.items()},
-        },
-        "tools": tools,
-        "runtime": dict(RUNTIME_RANGE),
-    }
+    return Manifest(
+        name=name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precision=precision,
+        preset=config.name, hyperparameters=config.to_dict(), latent=Latent(config.scale_factor),
+        schedule=ScheduleConfig(schedule.linear_start, schedule.linear_end, schedule.timesteps),
+        capabilities=report.capabilities,
+        musiq=MusiqLimits(n_max, FIXED_TOKENS + 1, config.musiq.patch_size, tuple(config.musiq.longer_side_lengths),
+                          config.musiq.spatial_pos_grid_size),
+        context=ContextEntry(tuple(context.shape), context_source), graphs=graphs, files=files,
+        checkpoint={"sources": report.sources, "notes": report.notes,
+                    "ignored": {reason: len(keys) for reason, keys in report.ignored.items()}},
+        tools=tools,
+    )

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.manifest import Manifest
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,7 +96,7 @@ def _build(args) -> None:
           f"(peak memory {peak_rss_bytes() / GiB:.2f} GiB, predicted {memory.total / GiB:.2f} GiB)")
 
 
-def summary_table(manifest: dict) -> str:
+def summary_table(manifest: Manifest) -> str:
     rows = [f"{'file':<24} {'MiB':>9}  {'precision':<9} {'max abs':>10} {'PSNR dB':>8}  parity"]
 
     def row(file: str, size: str, precision: str, parity: dict) -> str:
@@ -103,14 +104,13 @@ def summary_table(manifest: dict) -> str:
         return (f"{file:<24} {size:>9}  {precision:<9} {parity['max_abs']:>10.2e} {psnr:>8}  "
                 f"ok ({parity['tolerance']})")
 
-    for graph in manifest["graphs"].values():
-        size = sum(manifest["files"][f]["bytes"] for f in (graph["file"], graph.get("external_data")) if f)
-        rows.append(row(graph["file"], f"{size / 2**20:.2f}", graph["precision"], graph["parity"]))
-        if "parity_full_size" in graph:
-            full = graph["parity_full_size"]
+    for name, graph in manifest.graphs.items():
+        rows.append(row(graph.file, f"{manifest.graph_bytes(name) / 2**20:.2f}", graph.precision, graph.parity))
+        if graph.parity_full_size:
+            full = graph.parity_full_size
             rows.append(row(f"  at {full['image'][0]}x{full['image'][1]}", "", "", full))
-    context = manifest["files"]["context.npy"]["bytes"]
-    rows.append(f"{'context.npy':<24} {context / 2**20:>9.2f}  {'fp32':<9} ({manifest['context']['source']})")
+    context = manifest.files[manifest.context.file].bytes
+    rows.append(f"{manifest.context.file:<24} {context / 2**20:>9.2f}  {'fp32':<9} ({manifest.context.source})")
     return "\n".join(rows)
 
 

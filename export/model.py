@@ -8,10 +8,10 @@ scale factor) at every graph boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
+
+from adaptbir.runtime.manifest import Capabilities  # the manifest's section, shared by the exporter
 
 from .config import ModelConfig
 from .musiq import MusiqScorer
@@ -28,19 +28,6 @@ CHECKPOINT_PREFIXES = {
     "text_encoder.": "cond_stage_model.model.",
     "musiq.net.": "musiq_model.net.",
 }
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """Which optional parts a model has; missing parts degrade honestly (see DESIGN.md)."""
-
-    has_csft: bool = True  # without: w is fixed to 0
-    has_restoration_encoder: bool = True  # without: k is fixed to 1
-    has_text_encoder: bool = False  # without: the context comes from a file or a seed
-    has_musiq: bool = True  # without: the score must be given
-
-    def to_dict(self) -> dict[str, bool]:
-        return dict(self.__dict__)
 
 
 class AdaptBIR(nn.Module):

@@ -23,7 +23,7 @@ from typing import Any
 from adaptbir.runtime.atomic import atomic_write
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GraphSpec
-from adaptbir.runtime.manifest import MANIFEST, file_entry, load_manifest, write_json_atomic
+from adaptbir.runtime.manifest import FileRecord, Plan, TensorRTSection, load_manifest
 from adaptbir.runtime.musiq_patches import token_count
 
 Size = tuple[int, int]
@@ -159,32 +159,32 @@ def _build_plan(trt, onnx_path: Path, shapes, workspace_gib: float, timing: byte
 
 
 def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 8.0) -> Iterator[str]:
-    """Build (or reuse) one plan per graph; yields a progress line per graph and updates the manifest."""
+    """Build (or reuse) one plan per graph; yields a progress line per graph, then records them in the manifest."""
     manifest = load_manifest(engine_dir)
     trt = import_tensorrt()
     capability = gpu_compute_capability()
-    data = manifest.data
-    record = data.get("tensorrt", {})
-    plans = record.get("plans", {}) if record.get("version") == trt.__version__ else {}
+    old = manifest.tensorrt if manifest.tensorrt and manifest.tensorrt.version == trt.__version__ else None
     cache_path = engine_dir / TIMING_CACHE
     timing = cache_path.read_bytes() if cache_path.is_file() else b""
-    for name, graph in data["graphs"].items():
-        shapes = input_shapes(manifest.graph(name), profile, data["musiq"]["n_max"])
-        key = plan_key(data["files"][graph["file"]]["sha256"], shapes, trt.__version__, capability)
+    plans: dict[str, Plan] = {}
+    files: dict[str, FileRecord] = {}
+    for name, graph in manifest.graphs.items():
+        shapes = input_shapes(manifest.graph(name), profile, manifest.musiq.n_max)
+        key = plan_key(manifest.files[graph.file].sha256, shapes, trt.__version__, capability)
         file = f"{name}.{key[:16]}.plan"
-        if plans.get(name, {}).get("key") == key and (engine_dir / file).is_file():
+        previous = old.plans.get(name) if old else None
+        if previous and previous.key == key and (engine_dir / file).is_file():
+            plans[name], files[file] = previous, manifest.files[file]
             yield f"{name}: plan {file} up to date"
             continue
         plan, timing = _build_plan(trt, manifest.path(name), shapes, workspace_gib, timing)
         atomic_write(engine_dir / file, lambda f, p=plan: f.write(p))
         atomic_write(cache_path, lambda f, t=timing: f.write(t))
-        old = plans.get(name, {}).get("file")
-        if old and old != file:
-            (engine_dir / old).unlink(missing_ok=True)
-            data["files"].pop(old, None)
-        plans[name] = {"file": file, "key": key, "shapes": {k: [list(s) for s in v] for k, v in shapes.items()}}
-        data["files"][file] = file_entry(engine_dir / file)
+        plans[name] = Plan(file, key, {k: [list(s) for s in v] for k, v in shapes.items()})
+        files[file] = FileRecord.of(engine_dir / file)
         yield f"{name}: built {file} ({len(plan) / 2**20:.1f} MiB)"
-    data["tensorrt"] = {"version": trt.__version__, "compute_capability": capability, "flags": list(FLAGS),
-                        "profile": profile.to_dict(), "timing_cache": TIMING_CACHE, "plans": plans}
-    write_json_atomic(engine_dir / MANIFEST, data)
+    section = TensorRTSection(trt.__version__, capability, FLAGS, profile.to_dict(), TIMING_CACHE, plans)
+    manifest.with_tensorrt(section, files).write(engine_dir)
+    stale = {p.file for p in manifest.tensorrt.plans.values()} - set(files) if manifest.tensorrt else set()
+    for file in stale:  # unlisted first, then removed: a reader never meets a listed file that is gone
+        (engine_dir / file).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ class TorchEngines:
         if threads:
             torch.set_num_threads(threads)
         self.manifest, self.threads = manifest, threads
-        self.specs = {name: manifest.graph(name) for name in manifest.data["graphs"]}
+        self.specs = {name: manifest.graph(name) for name in manifest.graphs}
         self.modules = {"dual_encoder": DualEncoderGraph(model), "unet": UNetGraph(model),
                         "decoder": DecoderGraph(model)}
         if model.musiq is not None:

@@ -143,7 +143,7 @@ class OpenVinoSession:
         return [np.array(results[output]) for output in compiled.outputs]  # copies out of the request
 
 
-def ort_providers(backend: str, directory: Path) -> list:
+def ort_providers(backend: str, cache_key: str) -> list:
     import onnxruntime as ort
 
     available = ort.get_available_providers()
@@ -156,7 +156,7 @@ def ort_providers(backend: str, directory: Path) -> list:
     if "TensorrtExecutionProvider" not in available:
         raise BackendError(f"backend ort-trt: this onnxruntime has no TensorRT provider; {GPU_ORT} and install "
                            "TensorRT (pip install 'adaptbir[gpu]')")
-    cache = directory / "ort_trt_cache"
+    cache = cache_root() / "ort-trt" / cache_key  # never inside the engine directory, which stays closed
     trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
                    "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
     return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -284,7 +284,7 @@ class Engines:
         self.manifest, self.backend, self.threads = manifest, backend, threads
         self._core = openvino_core() if backend == "openvino" else None
         self.cpu_precision = openvino_precision(self._core, precision) if self._core else None
-        self.specs = {name: manifest.graph(name) for name in manifest.data["graphs"]}
+        self.specs = {name: manifest.graph(name) for name in manifest.graphs}
         self.sessions: dict[str, Session] = {name: self._session(name) for name in self.specs}
 
     @classmethod
@@ -299,19 +299,18 @@ class Engines:
 
     def _session(self, name: str) -> Session:
         if self.backend == "trt":
-            plan = self.manifest.data.get("tensorrt", {}).get("plans", {}).get(name)
-            if not plan:
+            plan = self.manifest.plan_path(name)
+            if plan is None:
                 raise BackendError(f"backend trt: {self.manifest.directory} has no TensorRT plan for {name}; "
                                    "build them with `adaptbir-export trt --engines DIR --shape HxW`")
-            return TrtSession(self.manifest.directory / plan["file"])
+            return TrtSession(plan)
+        # Compiled-model caches live per user, keyed by the graph's files' sha256 (listed, so checked at load).
+        shas = "".join(self.manifest.files[f].sha256 for f in self.manifest.graphs[name].files)
+        key = hashlib.sha256(shas.encode()).hexdigest()[:32]
         if self.backend == "openvino":
-            graph, files = self.manifest.data["graphs"][name], self.manifest.data["files"]
-            shas = "".join(files.get(f, {}).get("sha256", "") for f in (graph["file"], graph.get("external_data")) if f)
-            key = hashlib.sha256(shas.encode()).hexdigest()[:32]
             precision = "f32" if name == "musiq" else self.cpu_precision
             return OpenVinoSession(self._core, self.manifest.path(name), key, precision, self.threads)
-        providers = ort_providers(self.backend, self.manifest.directory)
-        return OrtSession(self.manifest.path(name), providers, self.threads)
+        return OrtSession(self.manifest.path(name), ort_providers(self.backend, key), self.threads)
 
     def has(self, name: str) -> bool:
         return name in self.sessions

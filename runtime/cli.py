@@ -12,25 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .arguments import check_arguments
 from .backends import BACKENDS, CPU_PRECISIONS, backend_status
-from .errors import AdaptBIRError, InputError
+from .errors import AdaptBIRError, ArgumentError
+from .image_io import READ_SUFFIXES
+from .manifest import Manifest
 
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pnm"}
-
-
-def _steps(text: str) -> int:
-    steps = int(text)
-    if not 2 <= steps <= 1000:
-        raise argparse.ArgumentTypeError(f"must be between 2 and 1000, not {steps}")
-    return steps
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
     r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
-    r.add_argument("--steps", type=_steps, default=50, help="sampling steps (2..1000)")
+    r.add_argument("--steps", type=int, default=50, help="sampling steps (2..1000)")
     r.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
     r.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
     r.add_argument("--k", type=float, help="override the latent interpolation weight k")
@@ -69,36 +67,89 @@ def _parser() -> argparse.ArgumentParser:
 @dataclass(frozen=True)
 class Job:
     source: Path
-    relative: Path  # where it lands under OUTDIR (suffix replaced by the output format)
+    target: Path  # resolved, under OUTDIR
+    skip: bool = False  # the output exists and --on-exists is skip
 
 
-def collect_jobs(inputs: list[Path], out: Path, fmt: str) -> tuple[list[Job], list[str]]:
-    """Files as given; directories walked recursively with their relative layout kept."""
-    jobs, problems = [], []
+def _walk(folder: Path, root: Path) -> list[Path]:
+    """Image files under `folder`, recursively, in a stable order; never anything inside OUTDIR (`root`)."""
+    if folder.resolve() == root or folder.resolve().is_relative_to(root):
+        raise ArgumentError(f"{folder}: this input folder is the output folder or inside it; choose another -o")
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and p.is_file()
+                  and not p.parent.resolve().is_relative_to(root))
+
+
+def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> tuple[list[Job], list[str]]:
+    """Every input and where it lands, decided before any work; problems are inputs that do not exist.
+
+    Files land under OUTDIR by name, folders keep their relative layout; the suffix becomes the output
+    format's. Two inputs that would land on one output are refused (naming them); an output that would be
+    an input gets the first free `NAME-N` instead; an existing output follows `policy` (skip, overwrite,
+    or suffix: the first free `NAME-N`)."""
+    root = out.resolve()
+    found, problems = [], []
     for item in inputs:
         if item.is_dir():
-            files = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            jobs += [Job(p, p.relative_to(item).with_suffix(FORMATS[fmt])) for p in files]
+            found += [(p, p.relative_to(item)) for p in _walk(item, root)]
         elif item.is_file():
-            jobs.append(Job(item, Path(item.name).with_suffix(FORMATS[fmt])))
+            found.append((item, Path(item.name)))
         else:
             problems.append(f"{item}: no such file or directory")
+    by_target: dict[Path, list[Path]] = {}
+    for source, relative in found:
+        by_target.setdefault((root / relative).with_suffix(FORMATS[fmt]), []).append(source)
+    collisions = [f"{', '.join(map(str, sources))} -> {target}" for target, sources in by_target.items()
+                  if len(sources) > 1]
+    if collisions:
+        raise ArgumentError("several inputs would be written to the same output (the same file given twice, or "
+                            f"names differing only in folder or suffix): {'; '.join(collisions)}; rename them or "
+                            "restore them into separate output folders")
+    sources = {source.resolve() for source, _ in found}
+    taken: set[Path] = set()
+    jobs = []
+    for target, (source,) in by_target.items():
+        resolved = target.resolve()
+        if not resolved.is_relative_to(root):
+            problems.append(f"{source}: its output {resolved} would fall outside {root}")
+            continue
+        if resolved in sources or (policy == "suffix" and resolved.exists()):
+            resolved = _free_name(resolved, sources | taken | set(by_target), must_not_exist=policy == "suffix")
+        taken.add(resolved)
+        jobs.append(Job(source, resolved, skip=policy == "skip" and resolved.exists()))
     return jobs, problems
 
 
-def output_path(job: Job, out: Path, policy: str, inputs: set[Path]) -> Path | None:
-    """Destination under OUTDIR, or None to skip; never outside OUTDIR and never an input file."""
-    root = out.resolve()
-    target = (root / job.relative).resolve()
-    if root not in target.parents:
-        raise InputError(f"{job.source}: output {target} would fall outside {root}")
+def _free_name(target: Path, taken: set[Path], must_not_exist: bool) -> Path:
     n = 1
-    while target in inputs or (target.exists() and policy == "suffix"):
-        target = target.with_name(f"{job.relative.stem}-{n}{target.suffix}")
+    while (candidate := target.with_name(f"{target.stem}-{n}{target.suffix}")) in taken or (
+            must_not_exist and candidate.exists()):
         n += 1
-    if target.exists() and policy == "skip":
-        return None
-    return target
+    return candidate
+
+
+def _check_report(report: Path | None, jobs: list[Job]) -> None:
+    if report is None:
+        return
+    where = report.resolve()
+    if where.suffix.lower() in READ_SUFFIXES or where in {j.source.resolve() for j in jobs} | {j.target for j in jobs}:
+        raise ArgumentError(f"--report {report}: would write over an image (an input or an output); name a "
+                            ".jsonl file")
+
+
+@contextmanager
+def _writes_complete():
+    """Ctrl-C during a write takes effect after it, so an output and its report line are written whole."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def _progress_bar(total: int, desc: str, quiet: bool, position: int = 0):
@@ -109,54 +160,82 @@ def _progress_bar(total: int, desc: str, quiet: bool, position: int = 0):
 
 
 def _restore(args) -> int:
-    from .image_io import read_image, write_image
     from .pipeline import Pipeline
 
+    # Usage errors first, all before the engines load and before any image is touched (exit 2).
+    check_arguments(steps=args.steps, seed=args.seed, score=args.score, k=args.k, w=args.w,
+                    sr_scale=args.sr_scale, color_fix=args.color_fix, tile_size=args.tile_size)
+    if not 0 <= args.quality <= 100:
+        raise ArgumentError(f"--quality must be from 0 to 100, not {args.quality}")
+    if args.threads is not None and args.threads < 1:
+        raise ArgumentError(f"--threads must be at least 1, not {args.threads}")
+    jobs, problems = plan_jobs(args.inputs, args.out, args.format, args.on_exists)
+    _check_report(args.report, jobs)
     pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
                                      precision=args.cpu_precision)
-    jobs, problems = collect_jobs(args.inputs, args.out, args.format)
-    inputs = {j.source.resolve() for j in jobs}
-    failures = [(p.split(":")[0], p) for p in problems]
+    failures = list(problems)
     done = skipped = 0
     images = _progress_bar(len(jobs), "images", args.quiet)
+    interrupted = False
     for job in jobs:
         record: dict[str, Any] = {"input": str(job.source), **pipeline.describe()}
         started = time.perf_counter()
         try:
-            target = output_path(job, args.out, args.on_exists, inputs)
-            if target is None:
+            if job.skip:
                 skipped += 1
-                record.update(status="skipped", reason="output exists (--on-exists skip)")
+                record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
             else:
-                loaded = read_image(job.source)
-                steps = _progress_bar(args.steps, job.source.name, args.quiet, position=1)
-                try:
-                    result = pipeline.restore(
-                        loaded, seed=args.seed, steps=args.steps, score=args.score, k=args.k, w=args.w,
-                        sr_scale=args.sr_scale, resize_back=not args.no_resize_back, color_fix=args.color_fix,
-                        tile_size=args.tile_size, progress=lambda i, n, bar=steps: bar.update(1))
-                finally:
-                    steps.close()
-                out = result.image
-                write_image(target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif,
-                            fmt=args.format, quality=args.quality)
-                done += 1
-                record.update(status="ok", output=str(target), **result.record())
+                result = _restore_image(pipeline, job, args)
+                with _writes_complete():
+                    _write_output(job, result.image, args)
+                    done += 1
+                    record.update(status="ok", output=str(job.target), **result.record())
                 for warning in result.warnings:
                     images.write(f"adaptbir: {job.source}: warning: {warning}", file=sys.stderr)
-        except (AdaptBIRError, OSError, ValueError) as err:
-            failures.append((str(job.source), str(err)))
-            record.update(status="failed", error=str(err))
-            images.write(f"adaptbir: {job.source}: {err}", file=sys.stderr)
+        except KeyboardInterrupt:  # the current image is abandoned (or, if Ctrl-C came during its write, kept)
+            interrupted = True
+            record.setdefault("status", "interrupted")
+        except Exception as err:  # any per-image failure is recorded and the batch goes on
+            message = str(err) if isinstance(err, (AdaptBIRError, OSError)) else f"{type(err).__name__}: {err}"
+            failures.append(message if message.startswith(str(job.source)) else f"{job.source}: {message}")
+            record.update(status="failed", error=message)
+            images.write(f"adaptbir: {failures[-1]}", file=sys.stderr)
         record["wall_s"] = round(time.perf_counter() - started, 6)
-        _report(args.report, record)
+        with _writes_complete():
+            _report(args.report, record)
         images.update(1)
+        if interrupted:
+            break
     images.close()
-    print(f"restored {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s)"
+    verb = "interrupted after" if interrupted else "restored"
+    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s)"
           f" -> {args.out}", file=sys.stderr)
-    for source, error in failures:
-        print(f"  failed: {error if error.startswith(source) else f'{source}: {error}'}", file=sys.stderr)
-    return 1 if failures else 0
+    for failure in failures:
+        print(f"  failed: {failure}", file=sys.stderr)
+    return 130 if interrupted else 1 if failures else 0
+
+
+def _restore_image(pipeline, job: Job, args):
+    from .image_io import read_image
+
+    loaded = read_image(job.source)
+    steps = _progress_bar(args.steps, job.source.name, args.quiet, position=1)
+    try:
+        result = pipeline.restore(
+            loaded, seed=args.seed, steps=args.steps, score=args.score, k=args.k, w=args.w, sr_scale=args.sr_scale,
+            resize_back=not args.no_resize_back, color_fix=args.color_fix, tile_size=args.tile_size,
+            progress=lambda i, n: steps.update(1))
+    finally:
+        steps.close()
+    return result
+
+
+def _write_output(job: Job, out, args) -> None:
+    """Atomic: the output appears whole or not at all."""
+    from .image_io import write_image
+
+    write_image(job.target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif,
+                fmt=args.format, quality=args.quality)
 
 
 def _report(path: Path | None, record: dict[str, Any]) -> None:
@@ -172,39 +251,38 @@ def _report(path: Path | None, record: dict[str, Any]) -> None:
 def _info(args) -> int:
     from .manifest import load_manifest
 
-    print(describe_manifest(load_manifest(args.engines, verify=not args.no_verify).data))
+    print(describe_manifest(load_manifest(args.engines, verify=not args.no_verify)))
     print("\nbackends on this machine")
     for name, status in backend_status().items():
         print(f"  {name:<12} {status}")
     return 0
 
 
-def describe_manifest(data: dict[str, Any]) -> str:
-    caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in data["capabilities"].items())
-    hp = data["hyperparameters"]
+def describe_manifest(m: Manifest) -> str:
+    caps = ", ".join(f"{k}={'yes' if v else 'no'}" for k, v in m.capabilities.to_dict().items())
+    unet, schedule = m.hyperparameters["unet"], m.schedule
     lines = [
-        f"engine directory  {data['name']} (schema {data['schema_version']}, created {data['created']})",
-        f"model             preset {data['preset']}, UNet {hp['unet']['model_channels']} ch × "
-        f"{hp['unet']['channel_mult']}, context {data['context']['shape']} ({data['context']['source']})",
-        f"precision         {data['precision']}",
+        f"engine directory  {m.name} (schema {m.schema_version}, created {m.created})",
+        f"model             preset {m.preset}, UNet {unet['model_channels']} ch × {unet['channel_mult']}, "
+        f"context {list(m.context.shape)} ({m.context.source})",
+        f"precision         {m.precision}",
         f"capabilities      {caps}",
-        f"schedule          {data['schedule']['beta_schedule']} {data['schedule']['linear_start']}.."
-        f"{data['schedule']['linear_end']} over {data['schedule']['timesteps']}, default "
-        f"{data['schedule']['default_steps']} steps",
-        f"MUSIQ tokens      {data['musiq']['n_min']}..{data['musiq']['n_max']}",
-        "built with        " + ", ".join(f"{k} {v}" for k, v in data["tools"].items()),
-        f"runtime range     {data['runtime']['min']} <= v < {data['runtime']['below']}",
+        f"schedule          {schedule.beta_schedule} {schedule.linear_start}..{schedule.linear_end} over "
+        f"{schedule.timesteps}, default {schedule.default_steps} steps",
+        f"gating            {m.gating['rule']}",
+        f"MUSIQ tokens      {m.musiq.n_min}..{m.musiq.n_max}",
+        "built with        " + ", ".join(f"{k} {v}" for k, v in m.tools.items()),
+        f"runtime range     {m.runtime['min']} <= v < {m.runtime['below']}",
         "",
         f"{'graph':<14} {'precision':<9} {'MiB':>9}  {'inputs':<64} parity",
     ]
-    for name, g in data["graphs"].items():
-        size = sum(data["files"][f]["bytes"] for f in (g["file"], g.get("external_data")) if f) / 2**20
-        inputs = ", ".join(f"{t['name']}{t['shape']}" for t in g["inputs"]).replace("'", "")
-        p = g["parity"]
-        lines.append(f"{name:<14} {g['precision']:<9} {size:>9.2f}  {inputs:<64} max abs {p['max_abs']:.2e}")
-    if data.get("tensorrt"):
-        t = data["tensorrt"]
-        lines.append(f"TensorRT          {t['version']} on compute {t['compute_capability']}, profile {t['profile']}")
+    for name, g in m.graphs.items():
+        inputs = ", ".join(f"{t.name}{list(t.dims)}" for t in g.inputs).replace("'", "")
+        lines.append(f"{name:<14} {g.precision:<9} {m.graph_bytes(name) / 2**20:>9.2f}  {inputs:<64} "
+                     f"max abs {g.parity['max_abs']:.2e}")
+    if m.tensorrt:
+        t = m.tensorrt
+        lines.append(f"TensorRT          {t.version} on compute {t.compute_capability}, profile {t.profile}")
     return "\n".join(lines)
 
 

@@ -20,3 +20,7 @@ class EngineError(AdaptBIRError):
 
 class InputError(AdaptBIRError):
     """An input image cannot be used."""
+
+
+class ArgumentError(InputError):
+    """A restore argument is outside what the runtime accepts (checked before any engine runs)."""

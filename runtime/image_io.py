@@ -1,6 +1,7 @@
 """Image input and output for the runtime (numpy + Pillow only, never torch).
 
-Reading (DESIGN.md, "The runtime pipeline", step 1): Pillow decodes, EXIF orientation is applied, Pillow's
+Reading (DESIGN.md, "The runtime pipeline", step 1): Pillow decodes PNG, JPEG, WebP, TIFF, BMP, GIF or
+PPM/PGM/PNM (its other plugins are never tried), EXIF orientation is applied, Pillow's
 decompression-bomb limit is kept (anything above `PIL.Image.MAX_IMAGE_PIXELS` is refused, not only twice
 that), and every mode becomes 8-bit RGB:
 
@@ -36,6 +37,11 @@ from .atomic import atomic_write
 from .errors import InputError
 
 ORIENTATION = 0x0112
+
+# The formats read (Pillow's names) and the file suffixes a folder walk picks up; Pillow's other plugins
+# (EPS through Ghostscript, PSD, ICO, ...) are never tried, whatever a file's suffix or content.
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "PPM")
+READ_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".ppm", ".pgm", ".pnm")
 
 # Output format name (as the CLI spells it) -> Pillow format, and whether that format keeps alpha.
 WRITE_FORMATS: dict[str, tuple[str, bool]] = {
@@ -126,13 +132,13 @@ def _open(fh: BinaryIO, name: str) -> Image.Image:
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(fh)
+            im = Image.open(fh, formats=READ_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise InputError(_bomb_message(name, None, limit, str(err))) from None
     except Image.UnidentifiedImageError:
         raise InputError(
             f"{name}: not a recognised image file (or its header is damaged); "
-            "expected a format Pillow can read, such as PNG, JPEG, WebP or TIFF") from None
+            f"expected one of {', '.join(READ_FORMATS)}") from None
     except Exception as err:
         raise InputError(
             f"{name}: the image header is truncated or corrupt ({type(err).__name__}: {err}); "

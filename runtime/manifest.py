@@ -1,14 +1,21 @@
-"""The engine directory's manifest: schema, writing helpers, and validation when a directory is loaded.
+"""The engine directory's manifest: its one owner. Typed sections, written and read through the schema.
 
-A directory is accepted only when its manifest matches the JSON schema, its schema version and runtime
-range fit this runtime, and every file it lists exists with the recorded sha256.
+The exporter creates a `Manifest`, the TensorRT builder extends it (`with_tensorrt`), and every reader
+(pipeline, backends, CLIs, benchmarks) uses the typed view. `write` and `load_manifest` both validate
+against `manifest.schema.json`.
+
+A directory is closed: every file the runtime opens (graphs, their external data, TensorRT plans, the
+context) is listed under `files` by a relative name with its size and sha256; names are plain paths inside
+the directory (no absolute paths, no `..`), symlinks must stay inside it, and an ONNX graph may reference
+only the external-data file its entry lists. These checks do not depend on the ONNX Runtime version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,13 +23,18 @@ from typing import Any
 from . import __version__
 from .atomic import atomic_write
 from .errors import EngineError
+from .gating import RULE
 from .graphs import GraphSpec, TensorSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+CONTEXT_FILE = "context.npy"
 # Directories built by this runtime version series are readable by it; a new minor may change the contract.
 RUNTIME_RANGE = {"min": "0.1.0", "below": "0.2.0"}
 REBUILD = "rebuild it with `adaptbir-export build ... --out DIR`"
+# A listed file: relative, '/'-separated, every component starting with a letter, digit or '_' (so no
+# absolute path, no '.' or '..' component, no hidden file). The schema holds the same pattern.
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -33,43 +45,277 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in text.split("+")[0].split(".")[:3])
-
-
 def schema() -> dict[str, Any]:
     return json.loads(resources.files("adaptbir.runtime").joinpath("manifest.schema.json").read_text())
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """A reader never sees half a manifest."""
+    """A reader never sees half a file."""
     atomic_write(path, lambda f: f.write((json.dumps(data, indent=1) + "\n").encode()))
 
 
-@dataclass
+def _from(cls, data: dict[str, Any], **converted: Any):
+    """A section dataclass from its (schema-validated) JSON object; `converted` replaces raw fields."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{**{k: v for k, v in data.items() if k in names}, **converted})
+
+
+def _json(value: Any) -> Any:
+    """A section as JSON: dataclasses become objects, tuples lists, None-valued optional fields dropped."""
+    if hasattr(value, "__dataclass_fields__"):
+        return {f.name: _json(getattr(value, f.name)) for f in fields(value)
+                if not (f.metadata.get("optional") and getattr(value, f.name) is None)}
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json(v) for v in value]
+    return value
+
+
+OPTIONAL = {"optional": True}
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    sha256: str
+    bytes: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileRecord:
+        return cls(sha256_file(path), path.stat().st_size)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Which optional parts a model has; missing parts degrade honestly (see DESIGN.md)."""
+
+    has_csft: bool = True  # without: w is fixed to 0
+    has_restoration_encoder: bool = True  # without: k is fixed to 1
+    has_text_encoder: bool = False  # without: the context comes from a file or a seed
+    has_musiq: bool = True  # without: the score must be given
+
+    def to_dict(self) -> dict[str, bool]:
+        return _json(self)
+
+
+@dataclass(frozen=True)
+class Latent:
+    scale_factor: float
+    channels: int = 4
+    downsample_factor: int = 8
+    pad_multiple: int = 64
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    linear_start: float
+    linear_end: float
+    timesteps: int
+    default_steps: int = 50
+    beta_schedule: str = "linear"
+    parameterization: str = "eps"
+    variance: str = "fixed_small"
+
+
+@dataclass(frozen=True)
+class MusiqLimits:
+    n_max: int
+    n_min: int
+    patch_size: int
+    longer_side_lengths: tuple[int, ...]
+    spatial_pos_grid_size: int
+
+
+@dataclass(frozen=True)
+class ContextEntry:
+    shape: tuple[int, ...]
+    source: str
+    file: str = CONTEXT_FILE
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    file: str
+    external_data: str | None
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    precision: str
+    fp32_ops: dict[str, Any]
+    parity: dict[str, Any]
+    source_key: str
+    parity_full_size: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
+        return _from(cls, data, inputs=tuple(map(TensorSpec.from_dict, data["inputs"])),
+                     outputs=tuple(map(TensorSpec.from_dict, data["outputs"])))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = _json(self)
+        data["inputs"] = [t.to_dict() for t in self.inputs]
+        data["outputs"] = [t.to_dict() for t in self.outputs]
+        return data
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.file, self.external_data) if self.external_data else (self.file,)
+
+
+@dataclass(frozen=True)
+class Plan:
+    file: str
+    key: str
+    shapes: dict[str, list[list[int]]]
+
+
+@dataclass(frozen=True)
+class TensorRTSection:
+    version: str
+    compute_capability: str
+    flags: tuple[str, ...]
+    profile: dict[str, Any]
+    timing_cache: str
+    plans: dict[str, Plan]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TensorRTSection:
+        return _from(cls, data, flags=tuple(data["flags"]),
+                     plans={name: _from(Plan, p) for name, p in data["plans"].items()})
+
+
+@dataclass(frozen=True)
 class Manifest:
-    directory: Path
-    data: dict[str, Any]
+    """An engine directory's description. `directory` is where it was read from or written to (not stored)."""
 
-    @property
-    def precision(self) -> str:
-        return self.data["precision"]
+    name: str
+    created: str
+    precision: str
+    preset: str
+    hyperparameters: dict[str, Any]
+    latent: Latent
+    schedule: ScheduleConfig
+    capabilities: Capabilities
+    musiq: MusiqLimits
+    context: ContextEntry
+    graphs: dict[str, GraphEntry]
+    files: dict[str, FileRecord]
+    checkpoint: dict[str, Any]
+    tools: dict[str, str]
+    gating: dict[str, Any] = field(default_factory=lambda: dict(RULE))
+    runtime: dict[str, str] = field(default_factory=lambda: dict(RUNTIME_RANGE))
+    schema_version: int = SCHEMA_VERSION
+    tensorrt: TensorRTSection | None = field(default=None, metadata=OPTIONAL)
+    directory: Path | None = field(default=None, compare=False, metadata={"stored": False})
 
-    @property
-    def capabilities(self) -> dict[str, bool]:
-        return self.data["capabilities"]
+    # ------------------------------------------------------------------------------- (de)serialising
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], directory: Path | None = None) -> Manifest:
+        musiq = data["musiq"]
+        return _from(
+            cls, data, directory=directory,
+            latent=_from(Latent, data["latent"]), schedule=_from(ScheduleConfig, data["schedule"]),
+            capabilities=_from(Capabilities, data["capabilities"]),
+            musiq=_from(MusiqLimits, musiq, longer_side_lengths=tuple(musiq["longer_side_lengths"])),
+            context=_from(ContextEntry, data["context"], shape=tuple(data["context"]["shape"])),
+            graphs={name: GraphEntry.from_dict(g) for name, g in data["graphs"].items()},
+            files={name: _from(FileRecord, f) for name, f in data["files"].items()},
+            checkpoint=data.get("checkpoint", {}),
+            tensorrt=TensorRTSection.from_dict(data["tensorrt"]) if data.get("tensorrt") else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: _json(getattr(self, f.name)) for f in fields(self)
+                if f.metadata.get("stored", True) and not (f.metadata.get("optional") and getattr(self, f.name)
+                                                           is None)}
+        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
+        return data
+
+    def write(self, directory: Path) -> Manifest:
+        """Validate (schema, listed files) and write `directory/manifest.json` atomically."""
+        directory = Path(directory)
+        data = self.to_dict()
+        _check_schema(directory / MANIFEST, data)
+        manifest = replace(self, directory=directory)
+        manifest._check_listed()
+        write_json_atomic(directory / MANIFEST, data)
+        return manifest
+
+    def with_tensorrt(self, section: TensorRTSection, files: dict[str, FileRecord]) -> Manifest:
+        """This manifest with `section`'s plans; plan files of a previous section no longer used are unlisted."""
+        stale = {p.file for p in self.tensorrt.plans.values()} if self.tensorrt else set()
+        kept = {name: record for name, record in self.files.items() if name not in stale}
+        return replace(self, tensorrt=section, files={**kept, **files})
+
+    # ---------------------------------------------------------------------------------------- views
 
     def graph(self, name: str) -> GraphSpec:
-        g = self.data["graphs"][name]
-        return GraphSpec(name, tuple(map(TensorSpec.from_dict, g["inputs"])),
-                         tuple(map(TensorSpec.from_dict, g["outputs"])))
+        g = self.graphs[name]
+        return GraphSpec(name, g.inputs, g.outputs)
 
-    def path(self, name: str) -> Path:
-        return self.directory / self.data["graphs"][name]["file"]
+    def _file(self, name: str) -> Path:
+        if self.directory is None:
+            raise EngineError("this manifest was not read from an engine directory")
+        return self.directory / name
+
+    def path(self, graph: str) -> Path:
+        return self._file(self.graphs[graph].file)
+
+    @property
+    def context_path(self) -> Path:
+        return self._file(self.context.file)
+
+    def plan_path(self, graph: str) -> Path | None:
+        plan = self.tensorrt.plans.get(graph) if self.tensorrt else None
+        return self._file(plan.file) if plan else None
+
+    def graph_bytes(self, name: str) -> int:
+        """Bytes on disk of a graph, its external data included."""
+        return sum(self.files[f].bytes for f in self.graphs[name].files)
+
+    @property
+    def identity(self) -> str:
+        """Short id of the directory's weights: its name and the UNet graph's sha256."""
+        unet = self.graphs["unet"]
+        return f"{self.name}@{self.files[unet.file].sha256[:12]}"
+
+    def referenced_files(self) -> dict[str, str]:
+        """Every file the runtime may open → what uses it."""
+        used = {self.context.file: "context"}
+        for name, graph in self.graphs.items():
+            used[graph.file] = f"graph {name}"
+            if graph.external_data:
+                used[graph.external_data] = f"external data of graph {name}"
+        if self.tensorrt:
+            used.update({p.file: f"TensorRT plan of {name}" for name, p in self.tensorrt.plans.items()})
+        return used
+
+    def _check_listed(self) -> None:
+        where = self.directory / MANIFEST if self.directory else MANIFEST
+        unlisted = [f"{file} ({what})" for file, what in self.referenced_files().items() if file not in self.files]
+        if unlisted:
+            raise EngineError(f"{where}: not listed under `files` with a sha256: {', '.join(unlisted)}; {REBUILD}")
+        for name in self.files:
+            _check_name(where, name)
+
+
+# -------------------------------------------------------------------------------------------- loading
 
 
 def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
-    """Read and validate `directory/manifest.json`; with `verify`, check every file's sha256."""
+    """Read and validate `directory/manifest.json` and the files it lists, before any of them is used.
+
+    Always: schema, versions, gating rule, every used file listed, names confined to the directory,
+    sizes, and each ONNX graph's external-data references. With `verify`, also every file's sha256.
+    """
+    manifest = read_manifest(directory)
+    check_files(manifest, verify)
+    return manifest
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """The manifest alone, validated (schema, versions, gating rule, listed names), its files unchecked:
+    for the builder, which checks each file it reuses itself."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"engine directory {directory} does not exist; {REBUILD}")
@@ -78,16 +324,23 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
         raise EngineError(f"{directory} has no {MANIFEST}: not an engine directory; {REBUILD}")
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise EngineError(f"cannot read {path}: {err}; {REBUILD}") from err
     _check_versions(path, data)
     _check_schema(path, data)
-    if verify:
-        verify_files(directory, data["files"])
-    return Manifest(directory, data)
+    if data["gating"] != RULE:
+        raise EngineError(f"{path}: built with the gating rule {data['gating'].get('rule')!r}, this runtime applies "
+                          f"{RULE['rule']!r}; {REBUILD}")
+    manifest = Manifest.from_dict(data, directory)
+    manifest._check_listed()
+    return manifest
 
 
-def _check_versions(path: Path, data: dict[str, Any]) -> None:
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("+")[0].split(".")[:3])
+
+
+def _check_versions(path: Path, data: Any) -> None:
     found = data.get("schema_version") if isinstance(data, dict) else None
     if found != SCHEMA_VERSION:
         raise EngineError(
@@ -97,7 +350,7 @@ def _check_versions(path: Path, data: dict[str, Any]) -> None:
     wanted = data.get("runtime", {})
     try:
         ok = _version(wanted["min"]) <= _version(__version__) < _version(wanted["below"])
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
         raise EngineError(
@@ -116,17 +369,61 @@ def _check_schema(path: Path, data: dict[str, Any]) -> None:
         raise EngineError(f"{path}: invalid manifest at {where}: {err.message}; {REBUILD}") from err
 
 
-def verify_files(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+def _check_name(where: Path | str, name: str) -> None:
+    if not FILE_NAME.fullmatch(name):
+        why = "an absolute path" if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) else (
+            "a '..' or hidden component" if ".." in name or "/." in name or name.startswith(".") else
+            "not a plain relative name")
+        raise EngineError(f"{where}: file name {name!r} is {why}; an engine directory names only files inside "
+                          f"itself; {REBUILD}")
+
+
+def check_files(manifest: Manifest, verify: bool = True) -> None:
+    """Every listed file is a regular file inside the directory (symlinks resolved) with the recorded size
+    (and, with `verify`, sha256); each graph references only its listed external data."""
+    directory = manifest.directory
+    root = directory.resolve()
     problems = []
-    for name, entry in files.items():
+    for name, record in manifest.files.items():
         file = directory / name
-        if not file.is_file():
+        resolved = file.resolve()
+        if not resolved.is_relative_to(root):
+            problems.append(f"{name} leaves the engine directory (it resolves to {resolved})")
+        elif not resolved.is_file():
             problems.append(f"{name} is missing")
-        elif file.stat().st_size != entry["bytes"] or sha256_file(file) != entry["sha256"]:
-            problems.append(f"{name} does not match its recorded sha256 (modified or truncated)")
+        elif resolved.stat().st_size != record.bytes or (verify and sha256_file(resolved) != record.sha256):
+            problems.append(f"{name} does not match its recorded sha256 (modified, swapped or truncated)")
+    if not problems:
+        for graph_name, graph in manifest.graphs.items():
+            problems += _external_data_problems(directory / graph.file, graph_name, graph.external_data)
     if problems:
         raise EngineError(f"engine directory {directory}: " + "; ".join(problems) + f"; {REBUILD}")
 
 
-def file_entry(path: Path) -> dict[str, Any]:
-    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+def _external_data_problems(path: Path, graph: str, listed: str | None) -> list[str]:
+    """The external-data files `path` references must be exactly the one its entry lists (which the
+    manifest's own checks confine and hash): a graph cannot pull in any other file."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends
+        return [f"{path.name} is not a readable ONNX graph ({type(err).__name__}: {err})"]
+    used = {entry.value for tensor in _tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
+            for entry in tensor.external_data if entry.key == "location"}
+    foreign = sorted(used - {listed})
+    if foreign:
+        return [f"{path.name} (graph {graph}) references external data {', '.join(map(repr, foreign))}, but its "
+                f"manifest entry lists {listed!r}"]
+    return []
+
+
+def _tensors(graph) -> list:
+    """Every tensor stored in a graph: initializers and tensor attributes, subgraphs included."""
+    found = list(graph.initializer)
+    for node in graph.node:
+        for attribute in node.attribute:
+            found += ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
+            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                found += _tensors(sub)
+    return found

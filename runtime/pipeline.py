@@ -1,6 +1,6 @@
 """The restoration pipeline, read like the paper: score → gate → encode → mix → sample → decode → finish.
 
-    pipeline = Pipeline.from_engines("engines/sd21-fp16", backend="ort-cpu", threads=8)
+    pipeline = Pipeline.from_engines("engines/sd21-fp16", backend="ort-cpu")
     result = pipeline.restore(image, seed=0)          # uint8 HxWx3/4 numpy array or PIL image
     result.image, result.score, result.label, result.k, result.w, result.timings
 
@@ -23,11 +23,13 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
+from .arguments import check_arguments
 from .backends import Engines
 from .colorfix import color_fix as apply_color_fix
-from .errors import InputError
+from .errors import EngineError, InputError
 from .gating import Gate, gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
+from .manifest import Manifest
 from .musiq_patches import batch_feeds, extract_tokens
 from .preprocess import Geometry, finish, plan_geometry, prepare, to_model_range, to_uint8
 from .sampler import NoiseSource, Schedule, sample
@@ -103,9 +105,8 @@ class Pipeline:
         self.engines = engines
         self.manifest = engines.manifest
         self.capabilities = self.manifest.capabilities
-        if context is None:
-            context = np.load(self.manifest.directory / self.manifest.data["context"]["file"])
-        self.context = np.ascontiguousarray(context, dtype=np.float32)
+        self.context = np.ascontiguousarray(_load_context(self.manifest) if context is None else context,
+                                            dtype=np.float32)
         self.tile_above_pixels = tile_above_pixels
 
     @classmethod
@@ -116,8 +117,7 @@ class Pipeline:
 
     @property
     def identity(self) -> str:
-        files = self.manifest.data["files"]
-        return f"{self.manifest.data['name']}@{files['unet.onnx']['sha256'][:12]}"
+        return self.manifest.identity
 
     # ------------------------------------------------------------------------- 3. score and gate
 
@@ -125,8 +125,8 @@ class Pipeline:
         """MUSIQ on the padded uint8 image (patches in numpy, exactly pyiqa's tensor)."""
         if not self.engines.has("musiq"):
             raise InputError("this engine directory has no MUSIQ graph: give the score (--score S)")
-        n_max = self.manifest.data["musiq"]["n_max"]
-        tokens = extract_tokens(padded_u8, tuple(self.manifest.data["musiq"]["longer_side_lengths"]))
+        n_max = self.manifest.musiq.n_max
+        tokens = extract_tokens(padded_u8, self.manifest.musiq.longer_side_lengths)
         if len(tokens.mask) > n_max:
             raise InputError(f"image too large for MUSIQ: {len(tokens.mask)} tokens, the engines serve at most "
                              f"{n_max}; rebuild with a larger --musiq-n-max or downscale the input")
@@ -138,9 +138,9 @@ class Pipeline:
         gated = gate(score)
         k = gated.k if k is None else float(k)
         w = gated.w if w is None else float(w)
-        if not self.capabilities["has_restoration_encoder"]:
+        if not self.capabilities.has_restoration_encoder:
             k = 1.0
-        if not self.capabilities["has_csft"]:
+        if not self.capabilities.has_csft:
             w = 0.0
         return Gate(gated.score, k, w, gated.label)
 
@@ -204,8 +204,6 @@ class Pipeline:
             return LATENT_TILE if padded[0] * padded[1] > self.tile_above_pixels else None
         if tile_size == 0:
             return None
-        if tile_size % 64 or tile_size < 128:
-            raise InputError(f"--tile-size must be 0 or a multiple of 64 of at least 128, not {tile_size}")
         return tile_size // 8 if max(padded) > tile_size else None
 
     # ------------------------------------------------------------------------------- the whole
@@ -218,6 +216,7 @@ class Pipeline:
 
         `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] replace the seeded draws (golden tests).
         """
+        check_arguments(steps=steps, seed=seed, color_fix=color_fix, tile_size=tile_size)
         timings = timings or Timings()
         if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % 64 or x.shape[3] % 64:
             raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
@@ -227,9 +226,8 @@ class Pipeline:
         with timings.stage("encode"):
             z_restore, z_identity = self.encode(x, tiled, timings)
             cond = self.mix(z_restore, z_identity, decision.k)
-        schedule_cfg = self.manifest.data["schedule"]
-        schedule = _schedule(steps, schedule_cfg["linear_start"], schedule_cfg["linear_end"],
-                             schedule_cfg["timesteps"])
+        config = self.manifest.schedule
+        schedule = _schedule(steps, config.linear_start, config.linear_end, config.timesteps)
         source = NoiseSource(seed or 0, cond.shape)
         start = source.draw() if x_T is None else x_T.astype(np.float32)
         noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])
@@ -245,6 +243,7 @@ class Pipeline:
                       w: float | None = None, **options: Any) -> LatentResult:
         """Steps 3–6 on an already padded float image x [1,3,H,W] in [-1,1]: score (unless given), gate,
         encode and mix, sample, decode. `options` go to `restore_latent` (steps, seed, x_T, noise, ...)."""
+        check_arguments(score=score, k=k, w=w)
         timings = options.setdefault("timings", Timings())
         if score is None:
             # MUSIQ reads the uint8 image; this inverts `to_model_range` exactly for uint8-born inputs
@@ -257,7 +256,11 @@ class Pipeline:
                 score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
                 resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,
                 progress: Progress | None = None) -> Result:
-        """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings."""
+        """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
+
+        Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
+        notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
+                                color_fix=color_fix, tile_size=tile_size)
         timings = Timings()
         started = time.perf_counter()
         loaded = image if isinstance(image, LoadedImage) else from_array(image)
@@ -276,7 +279,6 @@ class Pipeline:
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)
         timings.stages["total"] = time.perf_counter() - started
-        notes = []
         if measured is not None and measured < 0:  # the reference asserts this away; random weights do it
             notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
         return Result(out, measured, decision.label, decision.k, decision.w, seed, steps, timings.to_dict(),
@@ -298,6 +300,19 @@ class Pipeline:
         return {"engines": str(self.manifest.directory), "engine_id": self.identity, "backend": self.engines.backend,
                 "precision": self.manifest.precision, "compute_precision": self.engines.compute_precision,
                 "runtime": __version__}
+
+
+def _load_context(manifest: Manifest) -> np.ndarray:
+    """The directory's [1,77,C] float32 context: a plain .npy (never a pickle) of the recorded shape."""
+    path = manifest.context_path
+    try:
+        context = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise EngineError(f"{path}: not a plain float32 .npy array ({err}); rebuild the engine directory") from err
+    if context.dtype != np.float32 or context.shape != manifest.context.shape:
+        raise EngineError(f"{path}: {context.dtype} {list(context.shape)}, the manifest records float32 "
+                          f"{list(manifest.context.shape)}; rebuild the engine directory")
+    return context
 
 
 def _sizes(g: Geometry) -> dict[str, list[int]]:

@@ -136,12 +136,10 @@ def test_formats_and_options(tiny_engines, tmp_path):
     assert image.format == "WEBP" and image.size == (512, 512)
 
 
-@pytest.mark.parametrize("args,message", [(["--steps", "1"], "must be between 2 and 1000"),
-                                          (["--backend", "cuda"], "invalid choice")])
-def test_argument_errors(tiny_engines, tmp_path, capsys, args, message):
+def test_unknown_backend_is_a_usage_error(tiny_engines, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines), *args])
-    assert info.value.code == 2 and message in capsys.readouterr().err
+        main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines), "--backend", "cuda"])
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_unavailable_backend_is_one_line(tiny_engines, tmp_path, capsys):

@@ -48,8 +48,8 @@ def test_any_config_in_the_schema_exports_and_passes_parity(reference, tmp_path)
     assert export_main(["build", "--random-weights", "--seed", "3", "--config", str(path), "--out", str(out)]) == 0
     manifest = load_manifest(out)
     assert manifest.graph("unet").inputs[2].dims == ("B", 77, 48)
-    assert manifest.data["hyperparameters"]["musiq"]["num_layers"] == 3
-    assert all(g["parity"]["passed"] for g in manifest.data["graphs"].values())
+    assert manifest.hyperparameters["musiq"]["num_layers"] == 3
+    assert all(g.parity["passed"] for g in manifest.graphs.values())
 
 
 @pytest.mark.parametrize("edit,message", [

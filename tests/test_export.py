@@ -80,7 +80,7 @@ def test_musiq_graph_matches_golden(tiny_fp32, tiny_fp16, golden, parity, musiq_
 
 def test_fp16_directory_within_stated_tolerance(tiny_fp16, golden):
     manifest = load_manifest(tiny_fp16)
-    assert manifest.precision == "fp16" and manifest.data["graphs"]["musiq"]["precision"] == "fp32"
+    assert manifest.precision == "fp16" and manifest.graphs["musiq"].precision == "fp32"
     g = golden("unet_control")
     feeds = {"x": g["x_t"], "t": g["t"], "context": g["context"], "cond": g["cond"], "w": g["csft_w"]}
     (eps,) = run_onnx(tiny_fp16 / "unet.onnx", feeds)
@@ -92,7 +92,7 @@ def test_fp16_directory_within_stated_tolerance(tiny_fp16, golden):
     g = golden("vae_decoder")
     (image,) = run_onnx(tiny_fp16 / "decoder.onnx", {"latent": g["z"]})
     assert _psnr(image, g["image"]) >= FP16_MIN_PSNR_DB["decoder"]
-    unet_fp32 = manifest.data["graphs"]["unet"]["fp32_ops"]
+    unet_fp32 = manifest.graphs["unet"].fp32_ops
     assert unet_fp32["Softmax"] > 0 and unet_fp32["attention logits (MatMul, scale)"] > 0
     assert unet_fp32["InstanceNormalization"] > 0 and unet_fp32["timestep arguments"] > 0
 
@@ -103,8 +103,8 @@ def test_manifest_validates_and_records_the_build(tiny_fp32):
     data = json.loads((tiny_fp32 / "manifest.json").read_text())
     jsonschema.validate(data, schema())
     manifest = load_manifest(tiny_fp32)
-    assert manifest.capabilities == {"has_csft": True, "has_restoration_encoder": True,
-                                     "has_text_encoder": False, "has_musiq": True}
+    assert manifest.capabilities.to_dict() == {"has_csft": True, "has_restoration_encoder": True,
+                                               "has_text_encoder": False, "has_musiq": True}
     assert manifest.graph("unet").inputs[2].dims == ("B", 77, 32)
     assert manifest.graph("musiq").inputs[0].dims == ("B", "N", 3072)
     assert set(data["files"]) == {"context.npy", "dual_encoder.onnx", "unet.onnx", "decoder.onnx", "musiq.onnx"}

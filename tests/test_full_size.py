@@ -49,7 +49,7 @@ def sd21(tmp_path_factory):
 def test_sd21_fp32_unet_step_matches_torch(sd21):
     dirs, feeds, expected = sd21
     manifest = load_manifest(dirs["fp32"])
-    assert manifest.data["graphs"]["unet"]["external_data"] == "unet.onnx.data"  # > 2 GB of weights
+    assert manifest.graphs["unet"].external_data == "unet.onnx.data"  # > 2 GB of weights
     (eps,) = run_onnx(dirs["fp32"] / "unet.onnx", feeds)
     err = float(np.abs(eps - expected).max())
     print(f"sd21 UNet step at 64x64 latent, ONNX Runtime fp32 vs torch: max abs error {err:.3g}")
@@ -59,15 +59,15 @@ def test_sd21_fp32_unet_step_matches_torch(sd21):
 def test_sd21_fp16_graphs_pass_their_checks_at_full_size(sd21):
     dirs, _, _ = sd21
     manifest = load_manifest(dirs["fp16"])
-    assert manifest.precision == "fp16" and manifest.data["graphs"]["musiq"]["precision"] == "fp32"
-    assert manifest.data["graphs"]["unet"]["external_data"] == "unet.onnx.data"  # 2.4 GB of fp16 weights
+    assert manifest.precision == "fp16" and manifest.graphs["musiq"].precision == "fp32"
+    assert manifest.graphs["unet"].external_data == "unet.onnx.data"  # 2.4 GB of fp16 weights
     for name in ("dual_encoder", "unet", "decoder"):
-        graph = manifest.data["graphs"][name]
-        for parity in (graph["parity"], graph["parity_full_size"]):
+        graph = manifest.graphs[name]
+        for parity in (graph.parity, graph.parity_full_size):
             assert math.isfinite(parity["max_abs"]) and parity["psnr_db"] >= FP16_MIN_PSNR_DB[name], (name, parity)
-        assert graph["parity_full_size"]["image"] == [512, 512]
-    fp32_bytes = sum(e["bytes"] for e in load_manifest(dirs["fp32"]).data["files"].values())
-    fp16_bytes = sum(e["bytes"] for e in manifest.data["files"].values())
+        assert graph.parity_full_size["image"] == [512, 512]
+    fp32_bytes = sum(e.bytes for e in load_manifest(dirs["fp32"]).files.values())
+    fp16_bytes = sum(e.bytes for e in manifest.files.values())
     assert fp16_bytes < 0.55 * fp32_bytes  # everything but MUSIQ halved
 
 

@@ -3,6 +3,7 @@ the PSNR bounds of ort-cpu fp32, compiled models are cached per user and reused,
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 
@@ -155,11 +156,21 @@ def test_missing_openvino_names_the_extra(tiny_engines, monkeypatch):
 
 
 def test_unreadable_graph_is_one_line(tiny_engines, tmp_path):
+    """A graph OpenVINO cannot read fails in one line; in a directory, the load checks catch it first."""
     import shutil
+
+    from adaptbir.runtime.backends import OpenVinoSession, openvino_core
+    from adaptbir.runtime.manifest import FileRecord
 
     broken = tmp_path / "broken"
     shutil.copytree(tiny_engines, broken)
     (broken / "decoder.onnx").write_bytes(b"not a graph")
     with pytest.raises(EngineError, match=r"OpenVINO cannot read .*decoder\.onnx") as info:
+        OpenVinoSession(openvino_core(), broken / "decoder.onnx", "key", "f32", None)
+    assert "\n" not in str(info.value)
+    data = json.loads((broken / "manifest.json").read_text())
+    data["files"]["decoder.onnx"] = FileRecord.of(broken / "decoder.onnx").__dict__  # a consistent manifest
+    (broken / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(EngineError, match=r"decoder\.onnx is not a readable ONNX graph") as info:
         Engines.load(broken, backend="openvino", verify=False)
     assert "\n" not in str(info.value)

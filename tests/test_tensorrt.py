@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import types
@@ -101,3 +102,26 @@ def test_fake_tensorrt_reaches_the_gpu_check(reference, tmp_path, monkeypatch):
                         lambda: (_ for _ in ()).throw(AdaptBIRError("no NVIDIA GPU found (test)")))
     with pytest.raises(AdaptBIRError, match="no NVIDIA GPU found"):
         list(trt_build.build_plans(out, ImageProfile((512, 512), (512, 512), (512, 512))))
+
+
+def test_plans_are_recorded_through_the_manifest_and_stale_ones_removed(tiny_engines, tmp_path, monkeypatch):
+    """The builder's bookkeeping with TensorRT's build faked: plans listed and hashed, the manifest valid,
+    plans of an old profile unlisted and deleted, up-to-date plans reused."""
+    from adaptbir.runtime.manifest import load_manifest
+
+    out = tmp_path / "engines"
+    shutil.copytree(tiny_engines, out)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.0"))
+    monkeypatch.setattr(trt_build, "gpu_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(trt_build, "_build_plan", lambda trt, path, shapes, gib, timing: (
+        f"plan of {path.name} for {sorted(shapes.items())}".encode(), timing + b"t"))
+    small, large = ImageProfile((512, 512), (512, 512), (512, 512)), ImageProfile((512, 512), (768, 768), (1024, 1024))
+    assert all("built" in line for line in trt_build.build_plans(out, small))
+    first = load_manifest(out)
+    plans = {name: first.plan_path(name) for name in first.graphs}
+    assert all(p is not None and p.is_file() and p.name in first.files for p in plans.values())
+    assert all(line.endswith("up to date") for line in trt_build.build_plans(out, small))
+    assert all("built" in line for line in trt_build.build_plans(out, large))
+    second = load_manifest(out)
+    assert not any(p.exists() or p.name in second.files for p in plans.values())
+    assert second.tensorrt.profile["max"] == "1024x1024" and len(second.tensorrt.plans) == len(second.graphs)
