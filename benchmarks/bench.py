@@ -29,6 +29,7 @@ import numpy as np
 
 from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.sizes import parse_size
 
 STAGES = ("musiq", "dual_encoder", "unet_step", "loop", "decoder", "e2e")
 RESULTS = Path("benchmarks/results")
@@ -63,13 +64,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _size(text: str) -> tuple[int, int]:
-    h, w = (int(v) for v in text.lower().split("x"))
-    if h % 64 or w % 64:
-        raise AdaptBIRError(f"--size {text}: height and width must be multiples of 64")
-    return h, w
-
-
 def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tuple[Path, Any]:
     """The engine directory, and the torch model with the same weights (None for --engines, or when the
     build may free it as it goes: `keep_model=False` bounds the build's memory as the CLI's)."""
@@ -79,25 +73,20 @@ def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tup
             raise AdaptBIRError(f"--compare {args.compare} needs --preset or --checkpoint: an engine directory holds "
                                 "no torch weights")
         return args.engines, None
-    from adaptbir.export.build import build_engine_directory, empty_prompt_context
-    from adaptbir.export.checkpoint import gather, load_model, load_random
+    from adaptbir.export.build import WeightSource, build
     from adaptbir.export.config import load_config
 
     if args.preset:
-        config = load_config(args.preset)
-        model, report = load_random(config, 0)
+        config, source = load_config(args.preset), WeightSource(random_seed=0)
         name = f"bench-{args.preset}-random-{precision}"
     else:
-        config = load_config("sd21")
-        model, report = load_model(config, gather(args.checkpoint, musiq=args.musiq))
+        config, source = load_config("sd21"), WeightSource(args.checkpoint, musiq=args.musiq)
         name = f"bench-{args.checkpoint.stem}-{precision}"
-    context, source = empty_prompt_context(model.text_encoder, None, 0, config.context_dim)
     out = Path("engines") / name
-    print(f"engines: {out} ({source})", file=sys.stderr)
-    build_engine_directory(model, report, config, out, precision=precision, context=context,
-                           context_source=source, free=not keep_model,
-                           progress=lambda line: print(f"  {line}", file=sys.stderr))
-    return out, model if keep_model else None
+    print(f"engines: {out}", file=sys.stderr)
+    built = build(config, source, out, precision=precision, keep_model=keep_model,
+                  progress=lambda text: print(f"  {text}", file=sys.stderr))
+    return out, built.model
 
 
 # -------------------------------------------------------------------------------------------- stages
@@ -121,8 +110,7 @@ class StageRunner:
         self.musiq_feeds = batch_feeds([extract_tokens(self.photo)])
         self.unet_feeds = {"x": self.latent, "t": np.array([500]), "context": pipeline.context,
                            "cond": self.cond, "w": np.array([0.8], np.float32)}
-        cfg = pipeline.manifest.schedule
-        self.schedule = Schedule.create(steps, cfg.linear_start, cfg.linear_end, cfg.timesteps)
+        self.schedule = Schedule.from_manifest(pipeline.manifest.schedule, steps)
 
     def run(self, stage: str) -> dict[str, float]:
         """Seconds of one execution of `stage`, plus engine time and overhead for e2e."""
@@ -194,8 +182,8 @@ def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str
              steps: int) -> dict[str, Any]:
     """A reduced-precision side (fp16 engines, OpenVINO bf16) against its fp32 baseline on the same inputs:
     every graph's PSNR over the baseline's range, the final image of a `steps`-step restore, MUSIQ."""
-    from adaptbir.export.onnx_export import psnr, psnr_over_range
     from adaptbir.runtime.gating import gate
+    from adaptbir.runtime.metrics import psnr, psnr_over_range
 
     pipelines = {"baseline": baseline.pipeline, "subject": subject.pipeline}
     graphs: dict[str, Any] = {}
@@ -452,7 +440,7 @@ def run(args) -> dict[str, Any]:
     from adaptbir.runtime.backends import Engines
     from adaptbir.runtime.pipeline import Pipeline
 
-    size = _size(args.size)
+    size = parse_size(args.size)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:

@@ -134,23 +134,15 @@ class Report:
             self.save()
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 512x512, not {text!r}") from err
-    if h <= 0 or w <= 0 or h % 64 or w % 64:
-        raise argparse.ArgumentTypeError(f"height and width must be positive multiples of 64, not {text!r}")
-    return h, w
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dry-run", action="store_true",
                    help="CPU, tiny preset, 128x128, 3 steps, 2 warm-up / 2 runs (what the test runs)")
     p.add_argument("--device", help="torch device (default: cuda; cpu with --dry-run)")
     p.add_argument("--preset", help="model preset (default: sd21; tiny with --dry-run)")
-    p.add_argument("--size", type=parse_size, help="image HxW, multiples of 64 (default: 512x512; 128x128 dry)")
+    from adaptbir.runtime.sizes import size_argument
+
+    p.add_argument("--size", type=size_argument, help="image HxW, multiples of 64 (default: 512x512; 128x128 dry)")
     p.add_argument("--steps", type=int, help="sampler steps of the loop (default: 50; 3 dry)")
     p.add_argument("--runs", type=int, help="timed runs of a single stage (default: 10; 2 dry)")
     p.add_argument("--loop-runs", type=int, help="timed runs of the loop and e2e (default: 3; 2 dry)")
@@ -272,7 +264,7 @@ class Workload:
         self.context = torch.randn(1, 77, cfg.context_dim, generator=g, device=device).to(dtype)
         self.w = torch.full((1,), W_CSFT, dtype=dtype, device=device)
         s = cfg.schedule
-        schedule = Schedule.create(steps, s.linear_start, s.linear_end, s.timesteps)
+        schedule = Schedule.from_manifest(s, steps)
         order = list(range(schedule.steps - 1, -1, -1))  # the sampler walks the spaced indices downwards
         self.timesteps = [int(schedule.timesteps[n]) for n in order]
         self.t_all = torch.tensor(self.timesteps, dtype=torch.int64, device=device)
@@ -456,13 +448,16 @@ def time_fn(torch: Any, fn: Callable[[], Any], device: str, warmup: int, runs: i
 
 def compare(torch: Any, ref: Any, out: Any) -> Json:
     """fp16 output vs the fp32 reference: errors, PSNR over the reference's peak-to-peak, non-finite counts."""
+    from adaptbir.runtime.metrics import psnr as psnr_db
+
     ref, out = ref.double(), out.double()
     nonfinite_ref = int((~torch.isfinite(ref)).sum())
     nonfinite_out = int((~torch.isfinite(out)).sum())
     diff = (out - ref).abs()
     mse = float((diff**2).mean())
     ptp = float(ref.max() - ref.min())
-    psnr = 10 * math.log10(ptp**2 / mse) if mse > 0 and ptp > 0 else math.inf
+    psnr = psnr_db(out.cpu().numpy(), ref.cpu().numpy(), ptp)
+    psnr = math.inf if psnr is None else psnr
     return {
         "max_abs": finite_or_none(float(diff.max())),
         "mean_abs": finite_or_none(float(diff.mean())),
@@ -575,8 +570,8 @@ def show(data: Json) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    shim = make_importable()  # first: the size argument is parsed by the project's own parser
     args = parse_args(argv)
-    shim = make_importable()
     import torch
 
     from adaptbir.export.config import load_config

@@ -33,8 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     from adaptbir.runtime.pipeline import Pipeline
+    from adaptbir.runtime.sizes import parse_size
 
-    h, w = (int(s) for s in args.size.lower().split("x"))
+    h, w = parse_size(args.size)
     before = peak_rss_mib()
     pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
                                      precision=args.cpu_precision)

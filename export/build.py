@@ -52,6 +52,48 @@ class ExportError(AdaptBIRError):
     """A graph failed its export-time parity check or could not be exported."""
 
 
+@dataclass(frozen=True)
+class WeightSource:
+    """Where a build's weights come from: checkpoint files, or seeded random weights (`random_seed`)."""
+
+    checkpoint: Path | None = None
+    control: Path | None = None
+    restoration_vae: Path | None = None
+    musiq: Path | None = None
+    random_seed: int | None = None
+
+    def load(self, config: ModelConfig):
+        from .checkpoint import gather, load_model, load_random
+
+        if self.random_seed is not None:
+            return load_random(config, self.random_seed)
+        return load_model(config, gather(self.checkpoint, control=self.control, restoration_vae=self.restoration_vae,
+                                         musiq=self.musiq))
+
+
+@dataclass
+class Built:
+    manifest: Manifest
+    report: LoadReport
+    model: Any  # the torch model with the same weights when kept, else None (its weights were freed)
+
+
+def build(config: ModelConfig, source: WeightSource, out: Path, *, precision: str = "fp32",
+          context_file: Path | None = None, seed: int = 0, n_max: int | None = None, keep_model: bool = False,
+          progress: Callable[[str], None] = print) -> Built:
+    """The one way to an engine directory: config → weights → context → graphs, checked, and the manifest.
+
+    Used by `adaptbir-export build`, the demo and the benchmarks. Without `keep_model` the build frees
+    each part's weights as soon as no later graph needs them (the memory bound of `export/memory.py`)."""
+    model, report = source.load(config)
+    progress(report.summary())
+    context, context_source = empty_prompt_context(model.text_encoder, context_file, seed, config.context_dim)
+    manifest = build_engine_directory(model, report, config, out, precision=precision, context=context,
+                                      context_source=context_source, n_max=n_max or DEFAULT_N_MAX,
+                                      free=not keep_model, progress=progress)
+    return Built(manifest, report, model if keep_model else None)
+
+
 @dataclass
 class GraphResult:
     name: str

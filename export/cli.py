@@ -51,15 +51,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args, config):
-    from .checkpoint import gather, load_model, load_random
-
-    if args.random_weights:
-        return load_random(config, args.seed)
-    ckpts = gather(args.checkpoint, control=args.control, restoration_vae=args.restoration_vae, musiq=args.musiq)
-    return load_model(config, ckpts)
-
-
 def _check_memory(args, config):
     from adaptbir.runtime.memory import available_bytes
 
@@ -78,20 +69,17 @@ def _check_memory(args, config):
 def _build(args) -> None:
     from adaptbir.runtime.memory import GiB, peak_rss_bytes
 
-    from .build import DEFAULT_N_MAX, build_engine_directory, empty_prompt_context
+    from .build import WeightSource, build
     from .config import load_config
 
     started = time.perf_counter()
     config = load_config(path=args.config) if args.config else load_config(args.preset or "sd21")
     memory = _check_memory(args, config)
-    model, report = _load(args, config)
-    print(report.summary())
-    context, source = empty_prompt_context(model.text_encoder, args.context, args.seed, config.context_dim)
-    manifest = build_engine_directory(
-        model, report, config, args.out, precision=args.precision, context=context, context_source=source,
-        n_max=args.musiq_n_max or DEFAULT_N_MAX, free=True,
-    )
-    print(summary_table(manifest))
+    source = WeightSource(random_seed=args.seed) if args.random_weights else WeightSource(
+        args.checkpoint, args.control, args.restoration_vae, args.musiq)
+    built = build(config, source, args.out, precision=args.precision, context_file=args.context, seed=args.seed,
+                  n_max=args.musiq_n_max)
+    print(summary_table(built.manifest))
     print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s "
           f"(peak memory {peak_rss_bytes() / GiB:.2f} GiB, predicted {memory.total / GiB:.2f} GiB)")
 

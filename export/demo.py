@@ -19,8 +19,7 @@ from matplotlib import cbook
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
 
-from .build import build_engine_directory, empty_prompt_context
-from .checkpoint import load_random
+from .build import WeightSource, build
 from .config import load_config
 
 ENGINES = Path("engines/tiny-random")
@@ -29,11 +28,8 @@ STAGES = ("preprocess", "musiq", "encode", "sample", "decode", "postprocess")
 
 
 def build_tiny_random(out: Path, seed: int) -> None:
-    config = load_config("tiny")
-    model, report = load_random(config, seed)
-    context, source = empty_prompt_context(None, None, seed, config.context_dim)
-    build_engine_directory(model, report, config, out, context=context, context_source=source, free=True,
-                           progress=lambda line: print(f"  {line}"))
+    build(load_config("tiny"), WeightSource(random_seed=seed), out, seed=seed,
+          progress=lambda text: print("\n".join(f"    {line}" for line in text.splitlines())))
 
 
 def timing_table(timings: dict[str, float], steps: int) -> str:

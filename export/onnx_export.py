@@ -17,6 +17,8 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from adaptbir.runtime.metrics import psnr_over_range
+
 from .components import FP16_MIN_PSNR_DB, FP32_ATOL, Component
 
 OPSET = 18
@@ -210,18 +212,6 @@ class Parity:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def psnr(actual: np.ndarray, expected: np.ndarray, peak: float) -> float | None:
-    """PSNR in dB of `actual` against `expected` for the given peak value; None when they are equal."""
-    mse = float(np.mean((np.asarray(actual, np.float64) - np.asarray(expected, np.float64)) ** 2))
-    return None if mse == 0 else 10 * math.log10(peak**2 / mse)
-
-
-def psnr_over_range(actual: np.ndarray, expected: np.ndarray) -> float | None:
-    """PSNR over the expected output's range, or its magnitude for a single value (a score)."""
-    expected = np.asarray(expected, np.float64)
-    return psnr(actual, expected, max(float(np.ptp(expected)), float(np.abs(expected).max()), 1e-12))
 
 
 def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, precision: str) -> Parity:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -25,8 +24,8 @@ from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GraphSpec
 from adaptbir.runtime.manifest import FileRecord, Plan, TensorRTSection, load_manifest
 from adaptbir.runtime.musiq_patches import token_count
+from adaptbir.runtime.sizes import Size, parse_size
 
-Size = tuple[int, int]
 Shape = tuple[int, ...]
 FLAGS = ("STRONGLY_TYPED",)
 TIMING_CACHE = "timing.cache"
@@ -44,16 +43,6 @@ class ImageProfile:
     def to_dict(self) -> dict[str, Any]:
         return {"min": "x".join(map(str, self.min)), "opt": "x".join(map(str, self.opt)),
                 "max": "x".join(map(str, self.max)), "batch": self.batch}
-
-
-def parse_size(text: str) -> Size:
-    match = re.fullmatch(r"\s*(\d+)\s*[xX×]\s*(\d+)\s*", text or "")
-    if not match:
-        raise AdaptBIRError(f"image size {text!r} is not HxW (e.g. 512x512)")
-    h, w = int(match.group(1)), int(match.group(2))
-    if h <= 0 or w <= 0 or h % 64 or w % 64:
-        raise AdaptBIRError(f"image size {h}x{w} must be positive multiples of 64 (the runtime pads to 64)")
-    return h, w
 
 
 def profile_from_args(shape: str | None, min_shape: str | None, opt_shape: str | None, max_shape: str | None,

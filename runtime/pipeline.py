@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -91,11 +90,6 @@ class Result:
         return {"score": self.score, "class": self.label, "k": self.k, "w": self.w, "seed": self.seed,
                 "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled, "timings": self.timings,
                 "warnings": self.warnings, "backend": self.backend, "compute_precision": self.precision}
-
-
-@lru_cache(maxsize=16)
-def _schedule(steps: int, linear_start: float, linear_end: float, timesteps: int) -> Schedule:
-    return Schedule.create(steps, linear_start, linear_end, timesteps)
 
 
 class Pipeline:
@@ -226,8 +220,7 @@ class Pipeline:
         with timings.stage("encode"):
             z_restore, z_identity = self.encode(x, tiled, timings)
             cond = self.mix(z_restore, z_identity, decision.k)
-        config = self.manifest.schedule
-        schedule = _schedule(steps, config.linear_start, config.linear_end, config.timesteps)
+        schedule = Schedule.from_manifest(self.manifest.schedule, steps)
         source = NoiseSource(seed or 0, cond.shape)
         start = source.draw() if x_T is None else x_T.astype(np.float32)
         noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .manifest import ScheduleConfig
 
 EpsModel = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (x [B,4,h,w] f32, t [B] i64) -> eps
 
@@ -78,8 +83,14 @@ class Schedule:
         )
 
     @classmethod
-    def from_manifest(cls, schedule: dict, steps: int) -> Schedule:
-        return cls.create(steps, schedule["linear_start"], schedule["linear_end"], schedule["timesteps"])
+    def from_manifest(cls, config: ScheduleConfig, steps: int) -> Schedule:
+        """The manifest's schedule spaced to `steps`; cached, as every restore asks for the same few."""
+        return _spaced(steps, config.linear_start, config.linear_end, config.timesteps)
+
+
+@lru_cache(maxsize=16)
+def _spaced(steps: int, linear_start: float, linear_end: float, timesteps: int) -> Schedule:
+    return Schedule.create(steps, linear_start, linear_end, timesteps)
 
 
 def _f32(value: float) -> np.float32:

@@ -13,11 +13,18 @@ import pytest
 from adaptbir.benchmarks.bench import STAGES
 
 
-def test_bench_tiny_with_torch_comparison(tmp_path):
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """One working folder for every bench run: the tiny engines it builds under engines/ are reused (up to
+    date) by the next run instead of being rebuilt."""
+    return tmp_path_factory.mktemp("bench")
+
+
+def test_bench_tiny_with_torch_comparison(workdir, tmp_path):
     result_file = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--compare", "torch",
            "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result_file.read_text())
     assert report["sides"] == ["runtime", "torch"]
@@ -35,12 +42,12 @@ def test_bench_tiny_with_torch_comparison(tmp_path):
     assert "runtime overhead" in result.stdout and "ratio" in result.stdout
 
 
-def test_bench_fp16_accuracy_report(tmp_path):
+def test_bench_fp16_accuracy_report(workdir, tmp_path):
     result_file = tmp_path / "fp16.json"
     cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
            "--compare", "fp16", "--stages", "unet_step", "--steps", "2", "--size", "256x256", "--no-memory",
            "--json", str(result_file)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result_file.read_text())
     assert report["sides"] == ["runtime", "fp32"] and report["settings"]["precision"] == "fp16"
@@ -56,12 +63,12 @@ def test_bench_fp16_accuracy_report(tmp_path):
     assert "fp32 ms" in result.stdout and "fp16 vs fp32 (same inputs" in result.stdout
 
 
-def test_bench_openvino_against_ort_cpu(tmp_path):
+def test_bench_openvino_against_ort_cpu(workdir, tmp_path):
     result_file = tmp_path / "ov.json"
     cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
            "--compare", "openvino", "--cpu-precision", "bf16", "--stages", "unet_step", "--steps", "2",
            "--size", "256x256", "--json", str(result_file)]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result_file.read_text())
     assert report["sides"] == ["runtime", "ort-cpu"]

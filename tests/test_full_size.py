@@ -17,8 +17,9 @@ from adaptbir.export.checkpoint import load_random
 from adaptbir.export.components import FP16_MIN_PSNR_DB
 from adaptbir.export.config import load_config
 from adaptbir.export.model import UNetGraph
-from adaptbir.export.onnx_export import psnr, run_onnx
+from adaptbir.export.onnx_export import run_onnx
 from adaptbir.runtime.manifest import load_manifest
+from adaptbir.runtime.metrics import psnr
 
 pytestmark = pytest.mark.slow
 

@@ -10,10 +10,10 @@ import stat
 import numpy as np
 import pytest
 
-from adaptbir.export.onnx_export import psnr
 from adaptbir.runtime import backends
 from adaptbir.runtime.backends import BackendError, Engines
 from adaptbir.runtime.errors import EngineError
+from adaptbir.runtime.metrics import psnr
 from adaptbir.runtime.pipeline import Pipeline
 
 # The openvino extra is part of the test install (make install): these tests fail, never skip, without it.

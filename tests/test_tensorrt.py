@@ -77,12 +77,10 @@ def test_without_gpu_one_clear_line(monkeypatch):
         trt_build.gpu_compute_capability()
 
 
-def test_trt_command_fails_cleanly_on_this_machine(reference, tmp_path):
+def test_trt_command_fails_cleanly_on_this_machine(tiny_engines, tmp_path):
     """End to end through the CLI: a real engine directory, no TensorRT here → exit 2 and one line."""
-    from adaptbir.export.cli import main as export_main
-
     out = tmp_path / "tiny"
-    assert export_main(["build", "--random-weights", "--preset", "tiny", "--out", str(out)]) == 0
+    shutil.copytree(tiny_engines, out)
     result = subprocess.run([sys.executable, "-m", "adaptbir.export.cli", "trt", "--engines", str(out),
                              "--shape", "512x512"], capture_output=True, text=True)
     assert result.returncode == 2
@@ -91,12 +89,10 @@ def test_trt_command_fails_cleanly_on_this_machine(reference, tmp_path):
     assert ("TensorRT is not installed" in lines[0]) or ("no NVIDIA GPU" in lines[0])
 
 
-def test_fake_tensorrt_reaches_the_gpu_check(reference, tmp_path, monkeypatch):
+def test_fake_tensorrt_reaches_the_gpu_check(tiny_engines, tmp_path, monkeypatch):
     """With TensorRT importable but no GPU, the error names the GPU (checked before any build)."""
-    from adaptbir.export.cli import main as export_main
-
     out = tmp_path / "tiny"
-    assert export_main(["build", "--random-weights", "--preset", "tiny", "--out", str(out)]) == 0
+    shutil.copytree(tiny_engines, out)
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.0"))
     monkeypatch.setattr(trt_build, "gpu_compute_capability",
                         lambda: (_ for _ in ()).throw(AdaptBIRError("no NVIDIA GPU found (test)")))
