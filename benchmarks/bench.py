@@ -114,8 +114,8 @@ class StageRunner:
 
     def run(self, stage: str) -> dict[str, float]:
         """Seconds of one execution of `stage`, plus engine time and overhead for e2e."""
-        from adaptbir.runtime.pipeline import Timings
         from adaptbir.runtime.sampler import NoiseSource, sample
+        from adaptbir.runtime.stages import Timings
 
         engines = self.pipeline.engines
         start = time.perf_counter()
@@ -127,7 +127,7 @@ class StageRunner:
             engines.run("unet", self.unet_feeds)
         elif stage == "loop":
             timings = Timings()
-            eps = self.pipeline.eps_model(self.cond, 0.8, None, timings)
+            eps = self.pipeline.stages.eps_model(self.cond, 0.8, None, timings)
             noise = NoiseSource(0, self.latent.shape)
             sample(eps, noise.draw(), self.schedule, lambda i: noise.draw())
         elif stage == "decoder":

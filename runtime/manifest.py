@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from . import __version__
 from .atomic import atomic_write
 from .errors import EngineError
@@ -264,6 +266,18 @@ class Manifest:
     @property
     def context_path(self) -> Path:
         return self._file(self.context.file)
+
+    def load_context(self) -> np.ndarray:
+        """The [1,77,C] float32 context: a plain .npy (never a pickle) of the recorded shape."""
+        path = self.context_path
+        try:
+            context = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise EngineError(f"{path}: not a plain float32 .npy array ({err}); {REBUILD}") from err
+        if context.dtype != np.float32 or context.shape != self.context.shape:
+            raise EngineError(f"{path}: {context.dtype} {list(context.shape)}, the manifest records float32 "
+                              f"{list(self.context.shape)}; {REBUILD}")
+        return context
 
     def plan_path(self, graph: str) -> Path | None:
         plan = self.tensorrt.plans.get(graph) if self.tensorrt else None

@@ -66,6 +66,12 @@ def to_model_range(rgb_u8: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1)[None])
 
 
+def from_model_range(x: np.ndarray) -> np.ndarray:
+    """float32 [1,3,H,W] in [-1,1] → uint8 HxWx3, rounding: exactly inverts `to_model_range` on uint8-born
+    images (MUSIQ reads the uint8 image)."""
+    return np.clip(np.rint((x[0].transpose(1, 2, 0).astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8)
+
+
 def to_uint8(decoded: np.ndarray) -> np.ndarray:
     """float32 [1,3,H,W] nominally in [-1,1] → uint8 HxWx3: clip, then truncate (as the reference)."""
     x = decoded[0].transpose(1, 2, 0).astype(np.float32) * np.float32(127.5) + np.float32(127.5)

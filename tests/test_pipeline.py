@@ -14,6 +14,7 @@ from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.errors import EngineError, InputError
 from adaptbir.runtime.metrics import psnr
 from adaptbir.runtime.pipeline import Pipeline
+from adaptbir.runtime.stages import Stages
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,9 +125,9 @@ def test_one_tile_through_the_tiling_code_equals_untiled(pipeline, monkeypatch):
     photo = _photo(512, 512)
     untiled = pipeline.restore(photo, seed=1, steps=2, score=60, tile_size=0)
     grids = []
-    grid = Pipeline._grid
-    monkeypatch.setattr(Pipeline, "tile_plan", lambda self, padded, tile_size: 64)  # 64 latent = 512 px
-    monkeypatch.setattr(Pipeline, "_grid", staticmethod(lambda h, w, t: grids.append(grid(h, w, t)) or grids[-1]))
+    grid = Stages.grid
+    monkeypatch.setattr(Stages, "tile_plan", lambda self, padded, tile_size: 64)  # 64 latent = 512 px
+    monkeypatch.setattr(Stages, "grid", staticmethod(lambda h, w, t: grids.append(grid(h, w, t)) or grids[-1]))
     tiled = pipeline.restore(photo, seed=1, steps=2, score=60)
     assert tiled.tiled and not untiled.tiled
     assert grids and all(len(g) == 1 and (g[0].h, g[0].w) == (64, 64) for g in grids)
@@ -187,6 +188,7 @@ sys.modules["torch"] = None
 import numpy as np
 from adaptbir.benchmarks.probe import peak_rss_mib
 from adaptbir.runtime.pipeline import Pipeline
+from adaptbir.runtime.stages import Stages
 p = Pipeline.from_engines({str(tiny_engines)!r})
 image = (np.random.default_rng(0).random((1536, 2048, 3)) * 255).astype(np.uint8)
 r = p.restore(image, seed=0, steps=2)

@@ -1,0 +1,192 @@
+"""The paper's stages over numpy arrays: score → gate → encode and mix → sample → decode.
+
+`Stages` runs the engines of one directory on arrays only: the padded uint8 image for MUSIQ, float32
+[1,3,H,W] in [-1,1] (H, W multiples of 64) for the rest. What an image *is* — files, PIL, alpha, ICC and
+EXIF, seeds drawn for the caller, argument checks, `Result` — is the API layer's (`runtime/pipeline.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import Engines
+from .colorfix import color_fix as apply_color_fix
+from .errors import InputError
+from .gating import Gate, gate
+from .musiq_patches import batch_feeds, extract_tokens
+from .preprocess import to_uint8
+from .sampler import NoiseSource, Schedule, sample
+from .tiling import LATENT_TILE, TILE_ABOVE_PIXELS, Tile, blend, tiles
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Timings:
+    """Seconds per stage of one call, plus the time spent inside engine calls (the rest is overhead)."""
+
+    stages: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = self.stages.get(name, 0.0) + time.perf_counter() - start
+
+    def to_dict(self) -> dict[str, float]:
+        return {**{f"{k}_s": round(v, 6) for k, v in self.stages.items()},
+                "engine_s": round(self.engine.get("engine_s", 0.0), 6)}
+
+
+@dataclass
+class LatentResult:
+    """Stages 4–6 on an already padded float image."""
+
+    final_latent: np.ndarray  # [1,4,h,w]
+    decoded: np.ndarray  # [1,3,H,W], unclipped
+    image_u8: np.ndarray  # HxWx3, clipped and truncated
+    gate: Gate
+    seed: int | None
+    steps: int
+    tiled: bool
+
+
+class Stages:
+    def __init__(self, engines: Engines, context: np.ndarray | None = None,
+                 tile_above_pixels: int = TILE_ABOVE_PIXELS):
+        """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts)."""
+        self.engines = engines
+        self.manifest = engines.manifest
+        self.capabilities = self.manifest.capabilities
+        context = self.manifest.load_context() if context is None else context
+        self.context = np.ascontiguousarray(context, dtype=np.float32)
+        self.tile_above_pixels = tile_above_pixels
+
+    # ------------------------------------------------------------------------- 3. score and gate
+
+    def score(self, padded_u8: np.ndarray, timings: Timings | None = None) -> float:
+        """MUSIQ on the padded uint8 image (patches in numpy, exactly pyiqa's tensor)."""
+        if not self.engines.has("musiq"):
+            raise InputError("this engine directory has no MUSIQ graph: give the score (--score S)")
+        n_max = self.manifest.musiq.n_max
+        tokens = extract_tokens(padded_u8, self.manifest.musiq.longer_side_lengths)
+        if len(tokens.mask) > n_max:
+            raise InputError(f"image too large for MUSIQ: {len(tokens.mask)} tokens, the engines serve at most "
+                             f"{n_max}; rebuild with a larger --musiq-n-max or downscale the input")
+        (score,) = self.engines.run("musiq", batch_feeds([tokens]), timings.engine if timings else None)
+        return float(score[0])
+
+    def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
+        """The gating rule, overrides, and the honest degradation of a checkpoint without a part."""
+        gated = gate(score)
+        k = gated.k if k is None else float(k)
+        w = gated.w if w is None else float(w)
+        if not self.capabilities.has_restoration_encoder:
+            k = 1.0
+        if not self.capabilities.has_csft:
+            w = 0.0
+        return Gate(gated.score, k, w, gated.label)
+
+    # ---------------------------------------------------------------------- 4. encode and mix
+
+    def encode(self, x: np.ndarray, tile: int | None, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
+        """Dual encoder: z_restore, z_identity [1,4,h,w] in the diffusion latent space."""
+        lat_h, lat_w = x.shape[2] // 8, x.shape[3] // 8
+
+        def run(window: Tile) -> np.ndarray:
+            image = np.ascontiguousarray(window.of(x, scale=8))
+            z_restore, z_identity = self.engines.run("dual_encoder", {"image": image}, timings.engine)
+            return np.concatenate([z_restore, z_identity], axis=1)
+
+        both = blend(run, self.grid(lat_h, lat_w, tile), (1, 8, lat_h, lat_w))
+        return both[:, :4], both[:, 4:]
+
+    @staticmethod
+    def mix(z_restore: np.ndarray, z_identity: np.ndarray, k: float) -> np.ndarray:
+        """cond = (1 − k)·z_restore + k·z_identity (k a Python float; each factor rounded to float32)."""
+        return z_restore * np.float32(1 - k) + z_identity * np.float32(k)
+
+    # --------------------------------------------------------------------------------- 5. sample
+
+    def eps_model(self, cond: np.ndarray, csft_w: float, tile: int | None, timings: Timings):
+        """The UNet-with-controls as the sampler's `eps(x, t)`, on blended latent tiles when tiled; the CSFT
+        strength goes to the graph's input `w`."""
+        context = self.context
+        strength = np.array([csft_w], dtype=np.float32)
+        grid = self.grid(cond.shape[2], cond.shape[3], tile)
+
+        def eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:
+            def run(window: Tile) -> np.ndarray:
+                feeds = {"x": np.ascontiguousarray(window.of(x)), "t": t, "context": context,
+                         "cond": np.ascontiguousarray(window.of(cond)), "w": strength}
+                return self.engines.run("unet", feeds, timings.engine)[0]
+
+            return blend(run, grid, x.shape)
+
+        return eps
+
+    # -------------------------------------------------------------------------------- 6. decode
+
+    def decode(self, latent: np.ndarray, tile: int | None, timings: Timings) -> np.ndarray:
+        lat_h, lat_w = latent.shape[2:]
+
+        def run(window: Tile) -> np.ndarray:
+            return self.engines.run("decoder", {"latent": np.ascontiguousarray(window.of(latent))}, timings.engine)[0]
+
+        return blend(run, self.grid(lat_h, lat_w, tile), (1, 3, 8 * lat_h, 8 * lat_w), scale=8)
+
+    # -------------------------------------------------------------------------------- tiling
+
+    @staticmethod
+    def grid(lat_h: int, lat_w: int, tile: int | None) -> list[Tile]:
+        if not tile:
+            return [Tile(0, 0, lat_h, lat_w)]
+        return tiles(lat_h, lat_w, tile, tile // 2)  # 512 px tiles overlap by 256 px
+
+    def tile_plan(self, padded: tuple[int, int], tile_size: int | None) -> int | None:
+        """Latent tile size to use, or None for one untiled pass. `tile_size` in pixels: None = automatic
+        (512 px tiles above the pixel threshold), 0 = never tile; otherwise tiles only if the image is larger."""
+        if tile_size is None:
+            return LATENT_TILE if padded[0] * padded[1] > self.tile_above_pixels else None
+        if tile_size == 0:
+            return None
+        return tile_size // 8 if max(padded) > tile_size else None
+
+    # ------------------------------------------------------------------------------- 4 to 6
+
+    def run(self, x: np.ndarray, decision: Gate, *, steps: int, seed: int | None = None,
+            x_T: np.ndarray | None = None, noise: np.ndarray | None = None, color_fix: str = "none",
+            tile_size: int | None = None, progress: Progress | None = None, timings: Timings | None = None
+            ) -> LatentResult:
+        """Encode and mix, sample, decode a padded image x [1,3,H,W] in [-1,1] for a decided gate.
+
+        The noise comes from `seed` (the runtime's RNG protocol), or `x_T` [1,4,h,w] and `noise`
+        [steps,1,4,h,w] given (golden tests)."""
+        timings = timings or Timings()
+        if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % 64 or x.shape[3] % 64:
+            raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
+        if seed is None and (x_T is None or noise is None):
+            raise InputError("give a seed, or both x_T and noise")
+        tile = self.tile_plan(x.shape[2:], tile_size)
+        with timings.stage("encode"):
+            z_restore, z_identity = self.encode(x, tile, timings)
+            cond = self.mix(z_restore, z_identity, decision.k)
+        schedule = Schedule.from_manifest(self.manifest.schedule, steps)
+        source = NoiseSource(seed or 0, cond.shape)
+        start = source.draw() if x_T is None else x_T.astype(np.float32)
+        noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])
+        with timings.stage("sample"):
+            latent = sample(self.eps_model(cond, decision.w, tile, timings), start, schedule, noise_at, progress)
+        with timings.stage("decode"):
+            decoded = self.decode(latent, tile, timings)
+            if color_fix != "none":
+                decoded = apply_color_fix(decoded, self.decode(cond, tile, timings), color_fix)
+        return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, tile is not None)
