@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m adaptbir.export.demo
+	$(PY) -m adaptbir.demo
 
 test: $(STAMP) lint
 	$(PY) -m pytest

@@ -721,9 +721,11 @@ def main(argv: list[str] | None = None) -> int:
             import pyiqa  # noqa: F401  (only its MUSIQ architecture is used)
         except Exception as err:
             return {"status": f"not measured: pyiqa absent ({type(err).__name__})"}
-        from adaptbir.export.components import musiq_sample
+        import numpy as np
+
         from adaptbir.export.model import MusiqGraph
         from adaptbir.export.musiq import MusiqScorer
+        from adaptbir.runtime.graphs import musiq_sample
 
         # The scorer alone: what AdaptBIR(config, Capabilities(has_musiq=True)) holds as `.musiq`.
         torch.manual_seed(args.seed)
@@ -731,7 +733,8 @@ def main(argv: list[str] | None = None) -> int:
         scorer.fold_weight_standardisation()  # as exported
         graph = MusiqGraph(scorer.eval().to(device))
         native = (height // 32) * (width // 32)
-        tokens = [t.to(device) for t in musiq_sample(1, native, torch.Generator().manual_seed(args.seed + 1))]
+        feeds = musiq_sample(np.random.default_rng(args.seed + 1), 1, native)
+        tokens = [torch.from_numpy(t).to(device) for t in feeds.values()]
         total, _ = count_flops(torch, lambda: graph(*tokens))
         return {"status": "measured", "precision": "fp32 (MUSIQ is exported in fp32 only)",
                 "tokens": int(tokens[0].shape[1]), "fp32_eager": timed(lambda: graph(*tokens), "musiq"),

@@ -5,6 +5,7 @@
                           [--context FILE.npy] --out engines/NAME
     adaptbir-export build --random-weights --seed 0 --preset tiny --out engines/tiny
     adaptbir-export trt --engines engines/NAME [--shape 512x512 | --min HxW --opt HxW --max HxW]
+    adaptbir-export check --engines engines/NAME [--backends ort-cpu,openvino,trt]
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from adaptbir.runtime.backends import BACKENDS, CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
+from adaptbir.runtime.sizes import size_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,6 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--max", dest="max_shape", help="largest image HxW of the profile")
     trt.add_argument("--batch", type=int, default=1, help="largest batch of the profile")
     trt.add_argument("--workspace-gib", type=float, default=8.0)
+
+    check = sub.add_parser("check", help="run every graph on several backends with the same inputs and compare")
+    check.add_argument("--engines", type=Path, required=True, help="engine directory to check")
+    check.add_argument("--backends", help=f"comma-separated, the first is the baseline ({', '.join(BACKENDS)}; "
+                                          "default: ort-cpu and every other backend available here)")
+    check.add_argument("--size", type=size_argument, default=(256, 256), help="image HxW of the sample inputs")
+    check.add_argument("--cpu-precision", choices=CPU_PRECISIONS, help="openvino: bf16 or f32 (default: bf16 "
+                                                                        "where the CPU has it)")
+    check.add_argument("--threads", type=int, help="CPU threads per backend")
     return parser
 
 
@@ -110,14 +122,26 @@ def _trt(args) -> None:
         print(line)
 
 
+def _check(args) -> int:
+    from .check import check_directory, table
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else None
+    checks = check_directory(args.engines, backends, args.size, args.threads, args.cpu_precision,
+                             progress=lambda line: None)
+    print(table(checks, backends[0] if backends else "ort-cpu"))
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} of {len(checks)} comparisons within tolerance"
+          + (f"; mismatches: {', '.join(f'{c.graph} on {c.backend}' for c in failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"build": _build, "trt": _trt}[args.command](args)
+        return {"build": _build, "trt": _trt, "check": _check}[args.command](args) or 0
     except AdaptBIRError as err:
         print(f"adaptbir-export: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,10 @@ import onnx
 import onnx_ir as ir
 import torch
 
+from adaptbir.runtime.graphs import Tolerance
 from adaptbir.runtime.metrics import psnr_over_range
 
-from .components import FP16_MIN_PSNR_DB, FP32_ATOL, Component
+from .components import Component
 
 OPSET = 18
 PROTOBUF_LIMIT = 2 * 1024**3  # a single .onnx protobuf cannot exceed 2 GB: larger weights go to external data
@@ -214,7 +215,7 @@ class Parity:
         return asdict(self)
 
 
-def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, precision: str) -> Parity:
+def compare(actual: list[np.ndarray], expected: list[np.ndarray], tol: Tolerance, precision: str) -> Parity:
     """Worst case over the outputs, judged by the precision's rule (abs error for fp32, PSNR for fp16)."""
     max_abs, max_rel, worst = 0.0, 0.0, math.inf
     for a, e in zip(actual, expected, strict=True):
@@ -227,10 +228,10 @@ def compare(actual: list[np.ndarray], expected: list[np.ndarray], name: str, pre
         db = psnr_over_range(a, e)
         if db is not None:
             worst = min(worst, db)
-    if precision == "fp16" and FP16_MIN_PSNR_DB[name] != math.inf:
-        tolerance, passed = f"PSNR >= {FP16_MIN_PSNR_DB[name]:g} dB", worst >= FP16_MIN_PSNR_DB[name]
+    if precision == "fp16" and tol.fp16_min_psnr_db != math.inf:
+        tolerance, passed = f"PSNR >= {tol.fp16_min_psnr_db:g} dB", worst >= tol.fp16_min_psnr_db
     else:
-        tolerance, passed = f"max abs <= {FP32_ATOL[name]:g}", max_abs <= FP32_ATOL[name]
+        tolerance, passed = f"max abs <= {tol.fp32_atol:g}", max_abs <= tol.fp32_atol
     return Parity(max_abs, max_rel, None if worst == math.inf else worst, tolerance, passed)
 
 
@@ -262,4 +263,4 @@ def check_parity(component: Component, path: Path, precision: str, sample: Sampl
     with `expected`: torch's outputs computed before its weights were freed."""
     sample = component.sample if sample is None else sample
     expected = torch_outputs(component, sample) if expected is None else expected
-    return compare(run_onnx(path, sample_feeds(component, sample)), expected, component.name, precision)
+    return compare(run_onnx(path, sample_feeds(component, sample)), expected, component.tolerance, precision)

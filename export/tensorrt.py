@@ -1,9 +1,10 @@
 """TensorRT plans from an engine directory (`adaptbir-export trt`).
 
-TensorRT 11 builds strongly typed networks only: precision comes from the ONNX graph itself, so an fp16
-plan is built from an fp16 engine directory as is (no builder precision flags). Each plan is stored under
-a cache key of ONNX sha256 + profile + flags + TensorRT version + GPU compute capability, recorded in the
-manifest, and reused while the key holds. A timing cache beside the plans speeds up rebuilds.
+Plans are built through polygraphy's TensorRT loaders. TensorRT 11 builds strongly typed networks only:
+precision comes from the ONNX graph itself, so an fp16 plan is built from an fp16 engine directory as is
+(no builder precision flags). Each plan is stored under a cache key of ONNX sha256 + profile + flags +
+TensorRT version + GPU compute capability, recorded in the manifest, and reused while the key holds. A
+timing cache beside the plans (polygraphy merges each build's timings into it) speeds up rebuilds.
 
 Not validated on hardware: no development machine has TensorRT and a GPU together (see README).
 """
@@ -64,19 +65,13 @@ def profile_from_args(shape: str | None, min_shape: str | None, opt_shape: str |
 
 
 def input_shapes(spec: GraphSpec, profile: ImageProfile, n_max: int) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of every input, resolving the symbolic dimensions of the description."""
-    n_opt = min(token_count(*profile.opt), n_max)
-    n_low = min(token_count(*profile.min), n_max)
-    by_level = {"min": (profile.min, 1, n_low), "opt": (profile.opt, 1, n_opt),
-                "max": (profile.max, profile.batch, n_max)}
-    shapes: dict[str, tuple[Shape, Shape, Shape]] = {}
-    for tensor in spec.inputs:
-        levels = []
-        for size, batch, n in by_level.values():
-            sizes = {"B": batch, "H": size[0], "W": size[1], "h": size[0] // 8, "w": size[1] // 8, "N": n}
-            levels.append(tuple(d if isinstance(d, int) else sizes[d] for d in tensor.dims))
-        shapes[tensor.name] = (levels[0], levels[1], levels[2])
-    return shapes
+    """(min, opt, max) shape of every input, from the description's symbolic dimensions."""
+    levels = [(profile.min, 1, min(token_count(*profile.min), n_max)),
+              (profile.opt, 1, min(token_count(*profile.opt), n_max)),
+              (profile.max, profile.batch, n_max)]
+    shapes = [spec.input_shapes(B=batch, H=size[0], W=size[1], h=size[0] // 8, w=size[1] // 8, N=n)
+              for size, batch, n in levels]
+    return {name: (shapes[0][name], shapes[1][name], shapes[2][name]) for name in shapes[0]}
 
 
 def plan_key(onnx_sha256: str, shapes: dict[str, tuple[Shape, Shape, Shape]], trt_version: str,
@@ -126,25 +121,26 @@ def gpu_compute_capability() -> str:
 # ---------------------------------------------------------------------------------------------- building
 
 
-def _build_plan(trt, onnx_path: Path, shapes, workspace_gib: float, timing: bytes) -> tuple[bytes, bytes]:
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise AdaptBIRError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
-    config.set_timing_cache(config.create_timing_cache(timing), False)
-    profile = builder.create_optimization_profile()
+def _build_plan(trt, onnx_path: Path, shapes, workspace_gib: float, timing_cache: Path) -> bytes:
+    """One serialized plan through polygraphy's loaders: a strongly typed network parsed from the ONNX file
+    (external data included), one optimisation profile, the workspace limit, and the shared timing cache
+    (loaded before and merged back after the build). TF32 stays off, as polygraphy sets it: fp32 is fp32."""
+    from polygraphy.backend.trt import CreateConfig, NetworkFromOnnxPath, Profile, engine_bytes_from_network
+    from polygraphy.exception import PolygraphyException
+    from polygraphy.logger import G_LOGGER
+
+    profile = Profile()
     for name, (lo, mid, hi) in shapes.items():
-        profile.set_shape(name, lo, mid, hi)
-    config.add_optimization_profile(profile)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise AdaptBIRError(f"TensorRT failed to build {onnx_path.name} (see the log above)")
-    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+        profile.add(name, lo, mid, hi)
+    config = CreateConfig(profiles=[profile], load_timing_cache=str(timing_cache),
+                          memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gib * 2**30)})
+    try:
+        with G_LOGGER.verbosity(G_LOGGER.WARNING):
+            plan = engine_bytes_from_network(NetworkFromOnnxPath(str(onnx_path), strongly_typed=True), config=config,
+                                             save_timing_cache=str(timing_cache))
+    except PolygraphyException as err:
+        raise AdaptBIRError(f"TensorRT failed to build {onnx_path.name}: {str(err).splitlines()[0]}") from err
+    return bytes(plan)
 
 
 def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 8.0) -> Iterator[str]:
@@ -153,8 +149,7 @@ def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 
     trt = import_tensorrt()
     capability = gpu_compute_capability()
     old = manifest.tensorrt if manifest.tensorrt and manifest.tensorrt.version == trt.__version__ else None
-    cache_path = engine_dir / TIMING_CACHE
-    timing = cache_path.read_bytes() if cache_path.is_file() else b""
+    timing_cache = engine_dir / TIMING_CACHE
     plans: dict[str, Plan] = {}
     files: dict[str, FileRecord] = {}
     for name, graph in manifest.graphs.items():
@@ -166,9 +161,8 @@ def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 
             plans[name], files[file] = previous, manifest.files[file]
             yield f"{name}: plan {file} up to date"
             continue
-        plan, timing = _build_plan(trt, manifest.path(name), shapes, workspace_gib, timing)
+        plan = _build_plan(trt, manifest.path(name), shapes, workspace_gib, timing_cache)
         atomic_write(engine_dir / file, lambda f, p=plan: f.write(p))
-        atomic_write(cache_path, lambda f, t=timing: f.write(t))
         plans[name] = Plan(file, key, {k: [list(s) for s in v] for k, v in shapes.items()})
         files[file] = FileRecord.of(engine_dir / file)
         yield f"{name}: built {file} ({len(plan) / 2**20:.1f} MiB)"

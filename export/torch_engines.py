@@ -14,7 +14,8 @@ import torch
 from adaptbir.runtime.backends import check_finite
 from adaptbir.runtime.manifest import Manifest
 
-from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGraph
+from .components import components
+from .model import AdaptBIR
 
 
 class TorchEngines:
@@ -26,12 +27,8 @@ class TorchEngines:
             torch.set_num_threads(threads)
         self.manifest, self.threads = manifest, threads
         self.specs = {name: manifest.graph(name) for name in manifest.graphs}
-        self.modules = {"dual_encoder": DualEncoderGraph(model), "unet": UNetGraph(model),
-                        "decoder": DecoderGraph(model)}
-        if model.musiq is not None:
-            self.modules["musiq"] = MusiqGraph(model.musiq)
-        for module in self.modules.values():
-            module.eval()
+        context = torch.from_numpy(manifest.load_context())
+        self.modules = {c.name: c.torch_reference.eval() for c in components(model, context)}
 
     def has(self, name: str) -> bool:
         return name in self.modules

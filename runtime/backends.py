@@ -1,7 +1,7 @@
 """Execution backends and the `Engines` set that runs the graphs of one engine directory.
 
 `ort-cpu` (default), `ort-cuda`, `ort-trt` (ONNX Runtime's CUDA / TensorRT execution providers) and
-`trt` (our own TensorRT plans). Sessions are created once, when the directory is loaded, and reused;
+`trt` (our own TensorRT plans, run by polygraphy). Sessions are created once, when the directory is loaded, and reused;
 ONNX Runtime sessions may be run from several threads at once. A backend that is not available fails in
 one line naming what to install. The GPU backends are written against the documented APIs and are not
 validated on hardware (see README).
@@ -189,68 +189,33 @@ def backend_status() -> dict[str, str]:
 
 
 class TrtSession:
-    """A TensorRT plan run through the TensorRT Python API with device buffers from cuda-python.
-
-    Inputs are copied to the device and outputs back on every call; keeping the latent on the device
-    across sampler steps is a later optimisation.
+    """A TensorRT plan run by polygraphy's `TrtRunner`, like TensorRT's demo `Engine`: one execution context
+    and one CUDA stream for the session's life, device buffers allocated on the first call of a shape and
+    reused by later calls (grown, never freed per call). Calls are serialised (one context); outputs are
+    copied out of the runner's reused host buffers.
     """
 
-    def __init__(self, plan: Path):
+    def __init__(self, plan: Path, outputs: list[str]):
         try:
-            import tensorrt as trt
-            from cuda.bindings import runtime as cudart
+            import tensorrt  # noqa: F401  (polygraphy imports it lazily; fail here, in one line)
+            from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError as err:
-            raise BackendError("backend trt needs TensorRT and cuda-python: pip install 'adaptbir[gpu]'") from err
-        self._trt, self._cudart = trt, cudart
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self._engine is None:
-            raise EngineError(f"TensorRT cannot deserialize {plan}: rebuild it with `adaptbir-export trt`")
-        self._lock = threading.Lock()  # one execution context: calls are serialised
-        self._context = self._engine.create_execution_context()
-        names = [self._engine.get_tensor_name(i) for i in range(self._engine.num_io_tensors)]
-        self._outputs = [n for n in names if self._engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        _, self._stream = cudart.cudaStreamCreate()
+            raise BackendError("backend trt needs TensorRT and polygraphy: pip install 'adaptbir[gpu]'") from err
+        from polygraphy.exception import PolygraphyException
 
-    def _check(self, result) -> Any:
-        err, *rest = result if isinstance(result, tuple) else (result,)
-        if int(err) != 0:
-            raise EngineError(f"CUDA error {err}")
-        return rest[0] if rest else None
+        self._outputs = outputs
+        self._runner = TrtRunner(EngineFromBytes(plan.read_bytes()), name=plan.name)
+        try:
+            self._runner.activate()
+        except PolygraphyException as err:
+            raise EngineError(f"TensorRT cannot load {plan}: {str(err).splitlines()[0]}; rebuild it with "
+                              "`adaptbir-export trt`") from err
+        self._lock = threading.Lock()
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        cudart, trt = self._cudart, self._trt
-        kind = cudart.cudaMemcpyKind
         with self._lock:
-            buffers = []
-            try:
-                for name, array in feeds.items():
-                    array = np.ascontiguousarray(array)
-                    self._context.set_input_shape(name, array.shape)
-                    ptr = self._check(cudart.cudaMalloc(array.nbytes))
-                    buffers.append(ptr)
-                    self._check(cudart.cudaMemcpyAsync(ptr, array.ctypes.data, array.nbytes,
-                                                       kind.cudaMemcpyHostToDevice, self._stream))
-                    self._context.set_tensor_address(name, ptr)
-                outputs = []
-                for name in self._outputs:
-                    shape = tuple(self._context.get_tensor_shape(name))
-                    dtype = trt.nptype(self._engine.get_tensor_dtype(name))
-                    host = np.empty(shape, dtype=dtype)
-                    ptr = self._check(cudart.cudaMalloc(max(host.nbytes, 1)))
-                    buffers.append(ptr)
-                    self._context.set_tensor_address(name, ptr)
-                    outputs.append((host, ptr))
-                if not self._context.execute_async_v3(self._stream):
-                    raise EngineError("TensorRT execution failed")
-                for host, ptr in outputs:
-                    self._check(cudart.cudaMemcpyAsync(host.ctypes.data, ptr, host.nbytes,
-                                                       kind.cudaMemcpyDeviceToHost, self._stream))
-                self._check(cudart.cudaStreamSynchronize(self._stream))
-                return [host for host, _ in outputs]
-            finally:
-                for ptr in buffers:
-                    cudart.cudaFree(ptr)
+            outputs = self._runner.infer(feeds, check_inputs=False)
+            return [np.array(outputs[name]) for name in self._outputs]
 
 
 def _validate_feeds(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> None:
@@ -303,7 +268,7 @@ class Engines:
             if plan is None:
                 raise BackendError(f"backend trt: {self.manifest.directory} has no TensorRT plan for {name}; "
                                    "build them with `adaptbir-export trt --engines DIR --shape HxW`")
-            return TrtSession(plan)
+            return TrtSession(plan, [t.name for t in self.specs[name].outputs])
         # Compiled-model caches live per user, keyed by the graph's files' sha256 (listed, so checked at load).
         shas = "".join(self.manifest.files[f].sha256 for f in self.manifest.graphs[name].files)
         key = hashlib.sha256(shas.encode()).hexdigest()[:32]

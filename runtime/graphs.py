@@ -7,8 +7,12 @@ validates feeds against it without torch. Dimensions are ints or the symbolic na
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
+
+import numpy as np
+
+from .musiq_patches import FIXED_TOKENS
 
 Dim = int | str
 
@@ -28,10 +32,19 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class Tolerance:
+    """How far a graph's outputs may be from torch's (export parity) or another backend's (`check`)."""
+
+    fp32_atol: float  # max abs error of an fp32 graph (latents, eps, images; MUSIQ: its 0–100 score)
+    fp16_min_psnr_db: float  # PSNR over the output's own range of an fp16 graph (inf: never fp16)
+
+
+@dataclass(frozen=True)
 class GraphSpec:
     name: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    tolerance: Tolerance = Tolerance(1e-4, 40.0)
 
     @property
     def file(self) -> str:
@@ -51,7 +64,11 @@ class GraphSpec:
         def fix(t: TensorSpec) -> TensorSpec:
             return TensorSpec(t.name, tuple(sizes.get(d, d) if isinstance(d, str) else d for d in t.dims), t.dtype)
 
-        return GraphSpec(self.name, tuple(map(fix, self.inputs)), tuple(map(fix, self.outputs)))
+        return replace(self, inputs=tuple(map(fix, self.inputs)), outputs=tuple(map(fix, self.outputs)))
+
+    def input_shapes(self, **sizes: int) -> dict[str, tuple[int, ...]]:
+        """Every input's shape with the symbolic dimensions given in `sizes` (all of them)."""
+        return {t.name: tuple(t.dims) for t in self.resolved(**sizes).inputs}
 
 
 def _f32(name: str, *dims: Dim) -> TensorSpec:
@@ -64,10 +81,13 @@ def _i64(name: str, *dims: Dim) -> TensorSpec:
 
 PATCH_VALUES = 3 * 32 * 32  # one 32×32 RGB MUSIQ patch, channel-major
 
+# fp32 tolerances are DESIGN's 1e-4 on latents, eps and images and 1e-3 on the 0–100 MUSIQ score; fp16 ones
+# are PSNR over the output's peak-to-peak range (see README "fp16"); MUSIQ is never fp16.
 DUAL_ENCODER = GraphSpec(
     "dual_encoder",
     inputs=(_f32("image", "B", 3, "H", "W"),),
     outputs=(_f32("z_restore", "B", 4, "h", "w"), _f32("z_identity", "B", 4, "h", "w")),
+    tolerance=Tolerance(1e-4, 40.0),
 )
 UNET = GraphSpec(
     "unet",
@@ -76,14 +96,16 @@ UNET = GraphSpec(
         _i64("t", "B"),
         _f32("context", "B", 77, "C"),
         _f32("cond", "B", 4, "h", "w"),
-        _f32("w", "B"),
+        _f32("w", "B"),  # the CSFT strength (the contract's name; latent widths are called otherwise)
     ),
     outputs=(_f32("eps", "B", 4, "h", "w"),),
+    tolerance=Tolerance(1e-4, 40.0),
 )
 DECODER = GraphSpec(
     "decoder",
     inputs=(_f32("latent", "B", 4, "h", "w"),),
     outputs=(_f32("image", "B", 3, "H", "W"),),
+    tolerance=Tolerance(1e-4, 35.0),
 )
 MUSIQ = GraphSpec(
     "musiq",
@@ -94,6 +116,43 @@ MUSIQ = GraphSpec(
         _f32("mask", "B", "N"),
     ),
     outputs=(_f32("score", "B"),),
+    tolerance=Tolerance(1e-3, float("inf")),
 )
 
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (DUAL_ENCODER, UNET, DECODER, MUSIQ)}
+
+# ------------------------------------------------------------------------------------------ sample inputs
+
+def sample_feeds(name: str, rng: np.random.Generator, size: tuple[int, int], batch: int,
+                 context: np.ndarray) -> dict[str, np.ndarray]:
+    """Inputs shaped and distributed like real ones for an image of `size` (H, W), in the graph's input
+    order: images in [-1, 1], latents standard normal, timesteps high and middle, CSFT strengths 0 and 0.8,
+    and a MUSIQ token set of 64 native patches (some resized-scale slots masked, as a non-square image
+    leaves them). The exporter traces and checks on these; `adaptbir-export check` compares backends."""
+    H, W = size
+    lat = (batch, 4, H // 8, W // 8)
+    if name == "dual_encoder":
+        return {"image": rng.random((batch, 3, H, W), dtype=np.float32) * 2 - 1}
+    if name == "unet":
+        x, cond = rng.standard_normal(lat, dtype=np.float32), rng.standard_normal(lat, dtype=np.float32)
+        return {"x": x, "t": np.array([999, 500][:batch], np.int64),
+                "context": np.ascontiguousarray(np.broadcast_to(context, (batch, *context.shape[1:]))),
+                "cond": cond, "w": np.array([0.0, 0.8][-batch:], np.float32)}
+    if name == "decoder":
+        return {"latent": rng.standard_normal(lat, dtype=np.float32)}
+    if name == "musiq":
+        return musiq_sample(rng, batch, native=64)
+    raise KeyError(f"no sample inputs for graph {name!r}")
+
+
+def musiq_sample(rng: np.random.Generator, batch: int, native: int) -> dict[str, np.ndarray]:
+    """A token set shaped like a real one: 49 + 144 resized-scale slots (some masked), then native patches."""
+    n = FIXED_TOKENS + native
+    patches = rng.random((batch, n, PATCH_VALUES), dtype=np.float32) * 2 - 1
+    spatial = rng.integers(0, 100, (batch, n), dtype=np.int64)
+    scale = np.concatenate([np.full((batch, 49), 0), np.full((batch, 144), 1), np.full((batch, native), 2)], 1)
+    mask = np.ones((batch, n), np.float32)
+    mask[:, 30:49] = 0  # a non-square image leaves the padded slots of a resized scale empty
+    mask[:, 49 + 120 : FIXED_TOKENS] = 0
+    patches[mask == 0] = 0
+    return {"patches": patches, "spatial_idx": spatial, "scale_idx": scale.astype(np.int64), "mask": mask}

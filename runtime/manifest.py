@@ -26,7 +26,7 @@ from . import __version__
 from .atomic import atomic_write
 from .errors import EngineError
 from .gating import RULE
-from .graphs import GraphSpec, TensorSpec
+from .graphs import GRAPHS, GraphSpec, TensorSpec
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -252,8 +252,10 @@ class Manifest:
     # ---------------------------------------------------------------------------------------- views
 
     def graph(self, name: str) -> GraphSpec:
+        """The graph's description: its recorded inputs and outputs, the runtime's tolerance for it."""
         g = self.graphs[name]
-        return GraphSpec(name, g.inputs, g.outputs)
+        known = GRAPHS.get(name)
+        return replace(known, inputs=g.inputs, outputs=g.outputs) if known else GraphSpec(name, g.inputs, g.outputs)
 
     def _file(self, name: str) -> Path:
         if self.directory is None:

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from adaptbir.benchmarks.bench import STAGES
+from adaptbir.benchmarks.stages import STAGES
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ import torch
 
 from adaptbir.export.build import build_engine_directory, empty_prompt_context
 from adaptbir.export.checkpoint import load_random
-from adaptbir.export.components import FP16_MIN_PSNR_DB
 from adaptbir.export.config import load_config
 from adaptbir.export.model import UNetGraph
 from adaptbir.export.onnx_export import run_onnx
+from adaptbir.runtime.graphs import GRAPHS
 from adaptbir.runtime.manifest import load_manifest
 from adaptbir.runtime.metrics import psnr
 
@@ -64,8 +64,9 @@ def test_sd21_fp16_graphs_pass_their_checks_at_full_size(sd21):
     assert manifest.graphs["unet"].external_data == "unet.onnx.data"  # 2.4 GB of fp16 weights
     for name in ("dual_encoder", "unet", "decoder"):
         graph = manifest.graphs[name]
+        floor = GRAPHS[name].tolerance.fp16_min_psnr_db
         for parity in (graph.parity, graph.parity_full_size):
-            assert math.isfinite(parity["max_abs"]) and parity["psnr_db"] >= FP16_MIN_PSNR_DB[name], (name, parity)
+            assert math.isfinite(parity["max_abs"]) and parity["psnr_db"] >= floor, (name, parity)
         assert graph.parity_full_size["image"] == [512, 512]
     fp32_bytes = sum(e.bytes for e in load_manifest(dirs["fp32"]).files.values())
     fp16_bytes = sum(e.bytes for e in manifest.files.values())
@@ -78,4 +79,4 @@ def test_sd21_fp16_unet_step_against_fp32(sd21):
     (eps16,) = run_onnx(dirs["fp16"] / "unet.onnx", feeds)
     db = psnr(eps16, eps32, float(np.ptp(eps32)))
     print(f"sd21 UNet step at 64x64 latent, ONNX Runtime fp16 vs fp32: PSNR {db:.1f} dB")
-    assert np.all(np.isfinite(eps16)) and db >= FP16_MIN_PSNR_DB["unet"]
+    assert np.all(np.isfinite(eps16)) and db >= GRAPHS["unet"].tolerance.fp16_min_psnr_db

@@ -109,8 +109,8 @@ def test_plans_are_recorded_through_the_manifest_and_stale_ones_removed(tiny_eng
     shutil.copytree(tiny_engines, out)
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.0"))
     monkeypatch.setattr(trt_build, "gpu_compute_capability", lambda: "9.0")
-    monkeypatch.setattr(trt_build, "_build_plan", lambda trt, path, shapes, gib, timing: (
-        f"plan of {path.name} for {sorted(shapes.items())}".encode(), timing + b"t"))
+    monkeypatch.setattr(trt_build, "_build_plan", lambda trt, path, shapes, gib, timing_cache: (
+        f"plan of {path.name} for {sorted(shapes.items())}".encode()))
     small, large = ImageProfile((512, 512), (512, 512), (512, 512)), ImageProfile((512, 512), (768, 768), (1024, 1024))
     assert all("built" in line for line in trt_build.build_plans(out, small))
     first = load_manifest(out)
@@ -121,3 +121,84 @@ def test_plans_are_recorded_through_the_manifest_and_stale_ones_removed(tiny_eng
     second = load_manifest(out)
     assert not any(p.exists() or p.name in second.files for p in plans.values())
     assert second.tensorrt.profile["max"] == "1024x1024" and len(second.tensorrt.plans) == len(second.graphs)
+
+
+def test_plan_is_built_through_polygraphy(tmp_path, monkeypatch):
+    """What reaches polygraphy's loaders: a strongly typed network from the ONNX path, one profile with every
+    input's (min, opt, max), the workspace limit, and one timing cache loaded before and saved after."""
+    import polygraphy.backend.trt as pg_trt
+
+    seen = {}
+
+    def network(path, strongly_typed=None):
+        seen["network"] = (path, strongly_typed)
+        return "network"
+
+    def config(profiles, load_timing_cache, memory_pool_limits):
+        seen["config"] = (profiles, load_timing_cache, memory_pool_limits)
+        return "config"
+
+    def build(net, config, save_timing_cache):
+        seen["build"] = (net, config, save_timing_cache)
+        return b"serialized plan"
+
+    monkeypatch.setattr(pg_trt, "NetworkFromOnnxPath", network)
+    monkeypatch.setattr(pg_trt, "CreateConfig", config)
+    monkeypatch.setattr(pg_trt, "engine_bytes_from_network", build)
+    trt = types.SimpleNamespace(MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
+    shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 768), (1024, 1024), batch=2), n_max=4289)
+    plan = trt_build._build_plan(trt, tmp_path / "decoder.onnx", shapes, 2.0, tmp_path / "timing.cache")
+    assert plan == b"serialized plan"
+    assert seen["network"] == (str(tmp_path / "decoder.onnx"), True)
+    (profile,), cache, limits = seen["config"]
+    assert cache == str(tmp_path / "timing.cache") and limits == {"workspace": 2 * 2**30}
+    latent = profile["latent"]
+    assert (tuple(latent.min), tuple(latent.opt), tuple(latent.max)) == ((1, 4, 64, 64), (1, 4, 64, 96),
+                                                                         (2, 4, 128, 128))
+    assert seen["build"] == ("network", "config", str(tmp_path / "timing.cache"))
+
+
+def test_trt_session_reuses_one_runner_and_copies_outputs(tmp_path, monkeypatch):
+    """TrtSession over polygraphy's TrtRunner (faked here: no GPU): activated once, one call per run, outputs
+    in the description's order and copied out of the runner's reused buffers."""
+    import numpy as np
+    import polygraphy.backend.trt as pg_trt
+
+    from adaptbir.runtime.backends import TrtSession
+
+    runners = []
+
+    class FakeRunner:
+        def __init__(self, engine, name=None):
+            self.engine, self.activations, self.calls = engine, 0, 0
+            self.buffers = {"z_restore": np.zeros(3, np.float32), "z_identity": np.zeros(3, np.float32)}
+            runners.append(self)
+
+        def activate(self):
+            self.activations += 1
+
+        def infer(self, feeds, check_inputs=True):
+            self.calls += 1
+            for i, buffer in enumerate(self.buffers.values()):
+                buffer[:] = feeds["image"].sum() + i  # written in place, as TrtRunner reuses its host buffers
+            return self.buffers
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="11.0.0"))
+    monkeypatch.setattr(pg_trt, "TrtRunner", FakeRunner)
+    monkeypatch.setattr(pg_trt, "EngineFromBytes", lambda data: ("engine", data))
+    (tmp_path / "dual.plan").write_bytes(b"plan")
+    session = TrtSession(tmp_path / "dual.plan", ["z_identity", "z_restore"])
+    first = session.run({"image": np.ones(2, np.float32)})
+    second = session.run({"image": np.full(2, 5, np.float32)})
+    (runner,) = runners
+    assert runner.engine == ("engine", b"plan") and runner.activations == 1 and runner.calls == 2
+    assert [a.tolist() for a in first] == [[3, 3, 3], [2, 2, 2]]  # not overwritten by the second call
+    assert [a.tolist() for a in second] == [[11, 11, 11], [10, 10, 10]]
+
+
+def test_trt_backend_without_tensorrt_is_one_line(tmp_path, monkeypatch):
+    from adaptbir.runtime.backends import BackendError, TrtSession
+
+    monkeypatch.setitem(sys.modules, "tensorrt", None)
+    with pytest.raises(BackendError, match=r"pip install 'adaptbir\[gpu\]'"):
+        TrtSession(tmp_path / "x.plan", ["eps"])

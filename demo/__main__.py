@@ -16,11 +16,10 @@ from pathlib import Path
 
 from matplotlib import cbook
 
+from adaptbir.export.build import WeightSource, build
+from adaptbir.export.config import load_config
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
-
-from .build import WeightSource, build
-from .config import load_config
 
 ENGINES = Path("engines/tiny-random")
 OUT = Path("out/demo")
@@ -48,7 +47,7 @@ def timing_table(timings: dict[str, float], steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m adaptbir.export.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int)
