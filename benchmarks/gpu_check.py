@@ -104,11 +104,12 @@ class Report:
         self.data.setdefault("errors", {})
 
     def save(self) -> None:
+        from adaptbir.runtime.atomic import atomic_write
+
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text(json.dumps(strict_json(self.data), indent=2, default=str, allow_nan=False) + "\n")
-            tmp.replace(self.path)
+            text = json.dumps(strict_json(self.data), indent=2, default=str, allow_nan=False) + "\n"
+            atomic_write(self.path, lambda f: f.write(text.encode()))
         except Exception as err:  # never lose the run over the file: the table still prints
             log(f"cannot write {self.path}: {error_string(err)}")
 
@@ -569,87 +570,103 @@ def show(data: Json) -> None:
 # ----------------------------------------------------------------------------------------------- main
 
 
-def main(argv: list[str] | None = None) -> int:
-    shim = make_importable()  # first: the size argument is parsed by the project's own parser
-    args = parse_args(argv)
-    import torch
+class GpuCheck:
+    """The sections of one run, in order; each is a method, and a failing one never stops the next."""
 
-    from adaptbir.export.config import load_config
-    from adaptbir.export.model import AdaptBIR, Capabilities
+    def __init__(self, args: argparse.Namespace, shim: Path):
+        import torch
 
-    device, cuda = args.device, args.device.startswith("cuda")
-    if cuda:
-        # fp32 means fp32: no TF32 in the reference, nor in the fp32 attention logits of the fp16 model.
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cudnn.benchmark = True
-    torch.set_grad_enabled(False)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    config = load_config(args.preset)
-    height, width = args.size
-    # fp16 kernels on CPU are emulated and far slower: by default CPU timings stand in with fp32.
-    half_timed = args.precision == "fp16" or (args.precision == "auto" and cuda)
-    timed_precision = "fp16" if half_timed else "fp32"
-    if not half_timed and args.precision == "auto":
-        timed_precision += " (stand-in for fp16 on cpu: fp16 is only timed on CUDA)"
-    timed_dtype = torch.float16 if half_timed else torch.float32
-    report = Report(args.out, {
-        "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-        "cwd": os.getcwd(),
-        "out": str(args.out),
-        "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "settings": {
-            "dry_run": args.dry_run, "device": device, "preset": args.preset, "size": f"{height}x{width}",
-            "latent": f"{height // 8}x{width // 8}", "batch": 1, "steps": args.steps, "runs": args.runs,
-            "loop_runs": args.loop_runs, "warmup": args.warmup, "loop_warmup": args.loop_warmup,
-            "cpu_threads": torch.get_num_threads(),
-            "seed": args.seed, "w": W_CSFT, "k": K_MIX, "context": [1, 77, config.context_dim],
-            "accuracy_timesteps": list(ACCURACY_TIMESTEPS), "timed_precision": timed_precision,
-            "tf32": False if cuda else None, "cudnn_benchmark": True if cuda else None,
-            "fp16_model": "convs, linears, LayerNorms and plain GroupNorms fp16; GroupNorm32, timestep sinusoids, "
-                          "attention logits + softmax fp32 (as in the fp16 ONNX graphs); sampler math fp32",
-            "loop": "the sampler on the device: eps at the model precision, float32 step math with the "
-                    "schedule's float64 coefficients cast to float32; noise from a seeded device generator",
-            "flops_note": "torch.utils.flop_counter counts matmul, bmm, conv and attention kernels only "
-                          "(2 per MAC); loop = steps x unet_step; e2e = dual_encoder + loop + decoder",
-        },
-        "adaptbir_from": str(Path(sys.modules["adaptbir.export"].__file__).parent),
-        "adaptbir_resolved": str(Path(sys.modules["adaptbir.export"].__file__).resolve().parent),
-    })
-    if not Path(report.data["adaptbir_from"]).is_relative_to(shim):
-        report.data["errors"]["imports"] = f"adaptbir.export was not imported from the shim {shim}"
-    report.section("environment", lambda: environment(torch, device))
+        from adaptbir.export.config import load_config
 
-    models: Json = {}
+        self.args, self.torch = args, torch
+        self.device, self.cuda = args.device, args.device.startswith("cuda")
+        if self.cuda:
+            # fp32 means fp32: no TF32 in the reference, nor in the fp32 attention logits of the fp16 model.
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+        torch.set_grad_enabled(False)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        self.sync = torch.cuda.synchronize if self.cuda else (lambda: None)
+        self.config = load_config(args.preset)
+        # fp16 kernels on CPU are emulated and far slower: by default CPU timings stand in with fp32.
+        self.half_timed = args.precision == "fp16" or (args.precision == "auto" and self.cuda)
+        self.timed_precision = "fp16" if self.half_timed else "fp32"
+        if not self.half_timed and args.precision == "auto":
+            self.timed_precision += " (stand-in for fp16 on cpu: fp16 is only timed on CUDA)"
+        self.models: Json = {}
+        self.work: Workload | None = None
+        self.report = Report(args.out, self._header())
+        if not Path(self.report.data["adaptbir_from"]).is_relative_to(shim):
+            self.report.data["errors"]["imports"] = f"adaptbir.export was not imported from the shim {shim}"
 
-    def build() -> Json:
-        t0 = time.perf_counter()
-        torch.manual_seed(args.seed)
-        with torch.device(device):  # built in place: sd21 is ~5 GB in fp32
-            models["fp32"] = AdaptBIR(config, Capabilities(has_musiq=False, has_text_encoder=False)).eval()
-        models["fp32"].requires_grad_(False)
-        sync()
+    def _header(self) -> Json:
+        args, (height, width) = self.args, self.args.size
+        return {
+            "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
+            "cwd": os.getcwd(),
+            "out": str(args.out),
+            "started_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "settings": {
+                "dry_run": args.dry_run, "device": self.device, "preset": args.preset, "size": f"{height}x{width}",
+                "latent": f"{height // 8}x{width // 8}", "batch": 1, "steps": args.steps, "runs": args.runs,
+                "loop_runs": args.loop_runs, "warmup": args.warmup, "loop_warmup": args.loop_warmup,
+                "cpu_threads": self.torch.get_num_threads(),
+                "seed": args.seed, "w": W_CSFT, "k": K_MIX, "context": [1, 77, self.config.context_dim],
+                "accuracy_timesteps": list(ACCURACY_TIMESTEPS), "timed_precision": self.timed_precision,
+                "tf32": False if self.cuda else None, "cudnn_benchmark": True if self.cuda else None,
+                "fp16_model": "convs, linears, LayerNorms and plain GroupNorms fp16; GroupNorm32, timestep "
+                              "sinusoids, attention logits + softmax fp32 (as in the fp16 ONNX graphs); sampler "
+                              "math fp32",
+                "loop": "the sampler on the device: eps at the model precision, float32 step math with the "
+                        "schedule's float64 coefficients cast to float32; noise from a seeded device generator",
+                "flops_note": "torch.utils.flop_counter counts matmul, bmm, conv and attention kernels only "
+                              "(2 per MAC); loop = steps x unet_step; e2e = dual_encoder + loop + decoder",
+            },
+            "adaptbir_from": str(Path(sys.modules["adaptbir.export"].__file__).parent),
+            "adaptbir_resolved": str(Path(sys.modules["adaptbir.export"].__file__).resolve().parent),
+        }
+
+    def workload(self, model: str, dtype: Any) -> Workload:
+        a = self.args
+        return Workload(self.torch, self.models[model], dtype, self.device, a.size, a.steps, a.seed)
+
+    def timed(self, fn: Callable[[], Any], stage: str) -> Json:
+        a, long = self.args, stage in ("loop", "e2e")
+        return time_fn(self.torch, fn, self.device, a.loop_warmup if long else a.warmup,
+                       a.loop_runs if long else a.runs)
+
+    # ------------------------------------------------------------------------------------------ sections
+
+    def environment(self) -> Json:
+        return environment(self.torch, self.device)
+
+    def build(self) -> Json:
+        from adaptbir.export.model import AdaptBIR, Capabilities
+
+        torch, t0 = self.torch, time.perf_counter()
+        torch.manual_seed(self.args.seed)
+        with torch.device(self.device):  # built in place: sd21 is ~5 GB in fp32
+            self.models["fp32"] = AdaptBIR(self.config, Capabilities(has_musiq=False, has_text_encoder=False)).eval()
+        self.models["fp32"].requires_grad_(False)
+        self.sync()
         t1 = time.perf_counter()
-        models["fp16"] = half_copy(models["fp32"], torch, device)
-        sync()
-        info = {"params": sum(p.numel() for p in models["fp32"].parameters()), "fp32_build_s": round(t1 - t0, 3),
-                "fp16_copy_s": round(time.perf_counter() - t1, 3)}
-        if cuda:
+        self.models["fp16"] = half_copy(self.models["fp32"], torch, self.device)
+        self.sync()
+        info = {"params": sum(p.numel() for p in self.models["fp32"].parameters()),
+                "fp32_build_s": round(t1 - t0, 3), "fp16_copy_s": round(time.perf_counter() - t1, 3)}
+        if self.cuda:
             info["gpu_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        timed_model = "fp16" if self.half_timed else "fp32"
+        self.work = self.workload(timed_model, torch.float16 if self.half_timed else torch.float32)
+        self.report.data["settings"]["unet_step_t"] = self.work.timesteps[len(self.work.timesteps) // 2]
+        self.report.data["settings"]["loop_timesteps"] = self.work.timesteps
         return info
 
-    report.section("build", build)
-    if "fp16" not in models:
-        report.data["ok"] = False
-        report.save()
-        show(report.data)
-        return 1
-
-    def accuracy() -> Json:
-        ref = Workload(torch, models["fp32"], torch.float32, device, args.size, args.steps, args.seed)
-        half = Workload(torch, models["fp16"], torch.float16, device, args.size, args.steps, args.seed)
+    def accuracy(self) -> Json:
+        torch, device = self.torch, self.device
+        ref, half = self.workload("fp32", torch.float32), self.workload("fp16", torch.float16)
         results = []
         for t in ACCURACY_TIMESTEPS:
             tt = torch.tensor([t], dtype=torch.int64, device=device)
@@ -657,13 +674,13 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 eps16 = half.unet(half.x.half(), tt, half.context, half.cond, half.w)
             except Exception as err:
-                if cuda:
+                if self.cuda:
                     raise
                 return {"status": f"skipped: fp16 unsupported on {device} ({error_string(err)})"}
             results.append({"t": t, **compare(torch, eps32, eps16.float())})
         psnrs = [r["psnr_db"] for r in results if r["psnr_db"] is not None]
         # The VAE stages too, on the same inputs (on cpu only a 64x64 corner: fp16 convs are slow there).
-        side = None if cuda else 64
+        side = None if self.cuda else 64
         image, latent = ref.image[..., :side, :side], ref.x[..., : side and side // 8, : side and side // 8]
         vae: Json = {"image": list(image.shape[-2:])}
         pairs = zip(ref.encoder(image), half.encoder(image.half()), strict=True)
@@ -674,49 +691,32 @@ def main(argv: list[str] | None = None) -> int:
                 "results": results, "any_nonfinite": any(r["nonfinite_fp16"] or r["nonfinite_fp32"] for r in results),
                 "worst_psnr_db": min(psnrs) if psnrs else None, "vae": vae}
 
-    report.section("accuracy", accuracy)
-    timed_model = models["fp16" if half_timed else "fp32"]
-    work = Workload(torch, timed_model, timed_dtype, device, args.size, args.steps, args.seed)
-    report.data["settings"]["unet_step_t"] = work.timesteps[len(work.timesteps) // 2]
-    report.data["settings"]["loop_timesteps"] = work.timesteps
-
-    def timed(fn: Callable[[], Any], stage: str) -> Json:
-        long = stage in ("loop", "e2e")
-        return time_fn(torch, fn, device, args.loop_warmup if long else args.warmup,
-                       args.loop_runs if long else args.runs)
-
-    def eager() -> Json:
-        out: Json = {"precision": timed_precision}
+    def latency_eager(self) -> Json:
+        work, out = self.work, {"precision": self.timed_precision}
         fns = {"dual_encoder": work.encode, "unet_step": work.unet_step, "loop": work.loop,
                "decoder": work.decode, "e2e": work.e2e}
         for stage, fn in fns.items():
             log(f"  eager {stage}")
-            out[stage] = timed(fn, stage)
+            out[stage] = self.timed(fn, stage)
         final = work.loop()
-        out["loop_check"] = {"final_latent_finite": bool(torch.isfinite(final).all()),
+        out["loop_check"] = {"final_latent_finite": bool(self.torch.isfinite(final).all()),
                              "final_latent_std": finite_or_none(float(final.std()))}
         return out
 
-    report.section("latency_eager", eager, "latency", "eager")
+    def latency_eager_fp32(self) -> Json:
+        ref = self.workload("fp32", self.torch.float32)
+        return {"precision": "fp32" + (" (no TF32)" if self.cuda else ""),
+                "unet_step": self.timed(ref.unet_step, "unet_step")}
 
-    def eager_fp32() -> Json:
-        ref = Workload(torch, models["fp32"], torch.float32, device, args.size, args.steps, args.seed)
-        return {"precision": "fp32" + (" (no TF32)" if cuda else ""), "unet_step": timed(ref.unet_step, "unet_step")}
-
-    report.section("latency_eager_fp32", eager_fp32, "latency", "eager_fp32")
-
-    def flops() -> Json:
-        stages: Json = {}
-        by_op: Json = {}
+    def flops(self) -> Json:
+        work, stages, by_op = self.work, {}, {}
         for stage, fn in (("dual_encoder", work.encode), ("unet_step", work.unet_step), ("decoder", work.decode)):
-            stages[stage], by_op[stage] = count_flops(torch, fn)
-        stages["loop"] = args.steps * stages["unet_step"]
+            stages[stage], by_op[stage] = count_flops(self.torch, fn)
+        stages["loop"] = self.args.steps * stages["unet_step"]
         stages["e2e"] = stages["dual_encoder"] + stages["loop"] + stages["decoder"]
-        return {"precision": timed_precision, "stages": stages, "by_operator": by_op}
+        return {"precision": self.timed_precision, "stages": stages, "by_operator": by_op}
 
-    report.section("flops", flops)
-
-    def musiq() -> Json:
+    def musiq(self) -> Json:
         try:
             import pyiqa  # noqa: F401  (only its MUSIQ architecture is used)
         except Exception as err:
@@ -728,37 +728,35 @@ def main(argv: list[str] | None = None) -> int:
         from adaptbir.runtime.graphs import musiq_sample
 
         # The scorer alone: what AdaptBIR(config, Capabilities(has_musiq=True)) holds as `.musiq`.
-        torch.manual_seed(args.seed)
-        scorer = MusiqScorer(config.musiq)
+        torch, (height, width) = self.torch, self.args.size
+        torch.manual_seed(self.args.seed)
+        scorer = MusiqScorer(self.config.musiq)
         scorer.fold_weight_standardisation()  # as exported
-        graph = MusiqGraph(scorer.eval().to(device))
-        native = (height // 32) * (width // 32)
-        feeds = musiq_sample(np.random.default_rng(args.seed + 1), 1, native)
-        tokens = [torch.from_numpy(t).to(device) for t in feeds.values()]
+        graph = MusiqGraph(scorer.eval().to(self.device))
+        feeds = musiq_sample(np.random.default_rng(self.args.seed + 1), 1, (height // 32) * (width // 32))
+        tokens = [torch.from_numpy(t).to(self.device) for t in feeds.values()]
         total, _ = count_flops(torch, lambda: graph(*tokens))
         return {"status": "measured", "precision": "fp32 (MUSIQ is exported in fp32 only)",
-                "tokens": int(tokens[0].shape[1]), "fp32_eager": timed(lambda: graph(*tokens), "musiq"),
+                "tokens": int(tokens[0].shape[1]), "fp32_eager": self.timed(lambda: graph(*tokens), "musiq"),
                 "flops": total, "score_finite": bool(torch.isfinite(graph(*tokens)).all())}
 
-    report.section("musiq", musiq)
-
-    def graph_check(graphed: GraphedWorkload) -> Json:
+    def _graph_check(self, graphed: GraphedWorkload) -> Json:
         """The graphed loop and e2e must reproduce the eager ones."""
         out: Json = {}
         if graphed.has("sampler_step"):
-            out["loop_max_abs"] = finite_or_none(float((graphed.loop().clone() - work.loop()).abs().max()))
+            out["loop_max_abs"] = finite_or_none(float((graphed.loop().clone() - self.work.loop()).abs().max()))
         if graphed.has("dual_encoder", "sampler_step", "decoder"):
-            out["e2e_max_abs"] = finite_or_none(float((graphed.e2e().clone() - work.e2e()).abs().max()))
+            out["e2e_max_abs"] = finite_or_none(float((graphed.e2e().clone() - self.work.e2e()).abs().max()))
         return out
 
-    def cuda_graphs() -> Json:
-        if not cuda:
+    def latency_cuda_graphs(self) -> Json:
+        if not self.cuda:
             # What can be checked without CUDA: the static-buffer bookkeeping, with emulated replays.
-            emulated = GraphedWorkload(work, emulate=True)
-            return {"status": "skipped: no CUDA", "emulated_check": graph_check(emulated),
+            emulated = GraphedWorkload(self.work, emulate=True)
+            return {"status": "skipped: no CUDA", "emulated_check": self._graph_check(emulated),
                     "emulated_capture_errors": emulated.errors}
-        graphed = GraphedWorkload(work)
-        out: Json = {"precision": timed_precision, "method": "torch.cuda.CUDAGraph, manual static-input capture",
+        graphed = GraphedWorkload(self.work)
+        out: Json = {"precision": self.timed_precision, "method": "torch.cuda.CUDAGraph, manual static-input capture",
                      "capture_errors": graphed.errors, "stages": {}}
         for stage in STAGES:
             fn = graphed.stage(stage)
@@ -767,23 +765,22 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             log(f"  CUDA graphs {stage}")
             try:
-                out["stages"][stage] = timed(fn, stage)
+                out["stages"][stage] = self.timed(fn, stage)
             except Exception as err:
                 out["stages"][stage] = {"error": error_string(err)}
-        out["graph_check"] = graph_check(graphed)
+        out["graph_check"] = self._graph_check(graphed)
         return out
 
-    report.section("latency_cuda_graphs", cuda_graphs, "latency", "cuda_graphs")
-
-    def throughput() -> Json:
-        counted = report.data["flops"]["stages"]
+    def throughput(self) -> Json:
+        data = self.report.data
+        counted = data["flops"]["stages"]
         out: Json = {"peak_tflops": PEAK_TFLOPS, "peak_note": PEAK_NOTE, "stages": {}}
-        if not cuda:
+        if not self.cuda:
             out["note"] = "the peak is the H200's: the fractions mean nothing on cpu"
         for stage in STAGES:
             row: Json = {}
             for mode in ("eager", "cuda_graphs"):
-                section = report.data["latency"].get(mode, {})
+                section = data["latency"].get(mode, {})
                 entry = section.get("stages", section).get(stage)
                 if isinstance(entry, dict) and entry.get("median_ms"):
                     tflops = counted[stage] / (entry["median_ms"] * 1e-3) / 1e12
@@ -792,19 +789,35 @@ def main(argv: list[str] | None = None) -> int:
         out["e2e_lower_bound_ms"] = round(counted["e2e"] / (PEAK_TFLOPS * 1e12) * 1e3, 4)
         return out
 
-    if "flops" not in report.data["errors"]:
-        report.section("throughput", throughput)
+    def finish(self) -> int:
+        data = self.report.data
+        eager_times = data.get("latency", {}).get("eager", {})
+        eager_ok = "latency_eager" not in data["errors"] and all("median_ms" in eager_times.get(s, {}) for s in STAGES)
+        data["ok"] = bool(eager_ok and "accuracy" not in data["errors"] and "build" not in data["errors"])
+        data["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        if self.cuda:
+            data["gpu_max_allocated_gib"] = round(self.torch.cuda.max_memory_allocated() / 2**30, 2)
+        self.report.save()
+        show(data)
+        return 0 if data["ok"] else 1
 
-    eager_times = report.data["latency"].get("eager", {})
-    eager_ok = "latency_eager" not in report.data["errors"] and all("median_ms" in eager_times[s] for s in STAGES)
-    accuracy_ok = "accuracy" not in report.data["errors"]
-    report.data["ok"] = bool(eager_ok and accuracy_ok)
-    report.data["finished_utc"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    if cuda:
-        report.data["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    report.save()
-    show(report.data)
-    return 0 if report.data["ok"] else 1
+
+def main(argv: list[str] | None = None) -> int:
+    shim = make_importable()  # first: the size argument is parsed by the project's own parser
+    check = GpuCheck(parse_args(argv), shim)
+    report = check.report
+    report.section("environment", check.environment)
+    if report.section("build", check.build) is None:
+        return check.finish()  # no model: nothing else can run
+    report.section("accuracy", check.accuracy)
+    report.section("latency_eager", check.latency_eager, "latency", "eager")
+    report.section("latency_eager_fp32", check.latency_eager_fp32, "latency", "eager_fp32")
+    report.section("flops", check.flops)
+    report.section("musiq", check.musiq)
+    report.section("latency_cuda_graphs", check.latency_cuda_graphs, "latency", "cuda_graphs")
+    if "flops" not in report.data["errors"]:
+        report.section("throughput", check.throughput)
+    return check.finish()
 
 
 if __name__ == "__main__":

@@ -367,13 +367,14 @@ def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(tiny_engines,
 
 def test_ctrl_c_during_a_write_lets_it_finish(tiny_engines, tmp_path, monkeypatch):
     """SIGINT arriving while the output is written takes effect after it: the file is whole and recorded."""
-    import os
     import signal
+    import threading
 
     write = cli._write_output
 
     def write_then_signal(job, out, args):
-        os.kill(os.getpid(), signal.SIGINT)  # delivered now, handled after the write
+        # to the main thread, where Python runs signal handlers (not to a backend's worker thread)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
         write(job, out, args)
 
     monkeypatch.setattr(cli, "_write_output", write_then_signal)
