@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -365,24 +367,27 @@ def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(tiny_engines,
     assert "interrupted after 1" in capsys.readouterr().err
 
 
-def test_ctrl_c_during_a_write_lets_it_finish(tiny_engines, tmp_path, monkeypatch):
-    """SIGINT arriving while the output is written takes effect after it: the file is whole and recorded."""
-    import signal
-    import threading
-
-    write = cli._write_output
-
-    def write_then_signal(job, out, args):
-        # to the main thread, where Python runs signal handlers (not to a backend's worker thread)
-        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-        write(job, out, args)
-
-    monkeypatch.setattr(cli, "_write_output", write_then_signal)
+def test_ctrl_c_during_a_write_lets_it_finish(tiny_engines, tmp_path):
+    """SIGINT arriving while the output is written takes effect after it: the file is whole and recorded.
+    Run as the CLI runs, in a fresh process (the signal goes to its main thread during the first write)."""
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "ab"]
-    report = tmp_path / "r.jsonl"
-    assert _run(tiny_engines, inputs, tmp_path / "out", "--report", str(report)) == 130
+    report, out = tmp_path / "r.jsonl", tmp_path / "out"
+    script = f"""
+import signal, sys, threading
+from adaptbir.runtime import cli
+write = cli._write_output
+def write_then_signal(job, out, args):
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # handled after the write
+    write(job, out, args)
+cli._write_output = write_then_signal
+sys.exit(cli.main({[
+    "restore", *map(str, inputs), "-o", str(out), "--engines", str(tiny_engines), "--score", "50", "--seed", "1",
+    *STEPS, "--report", str(report)]!r}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 130, result.stderr[-2000:]
     assert [r["status"] for r in _records(report)] == ["ok"]
-    assert read_image(tmp_path / "out" / "a.png").rgb.shape == (24, 24, 3)
+    assert read_image(out / "a.png").rgb.shape == (24, 24, 3) and sorted(p.name for p in out.iterdir()) == ["a.png"]
 
 
 # ------------------------------------------------------------------------------------------ formats
