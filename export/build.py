@@ -34,7 +34,6 @@ from adaptbir.runtime.manifest import (
     Latent,
     Manifest,
     MusiqLimits,
-    ScheduleConfig,
     read_manifest,
 )
 from adaptbir.runtime.musiq_patches import FIXED_TOKENS, token_count
@@ -287,11 +286,10 @@ def _manifest(config: ModelConfig, report: LoadReport, out: Path, name: str, pre
     files = {CONTEXT_FILE: FileRecord.of(out / CONTEXT_FILE)}
     for entry in graphs.values():
         files.update({file: FileRecord.of(out / file) for file in entry.files})
-    schedule = config.schedule
     return Manifest(
         name=name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"), precision=precision,
         preset=config.name, hyperparameters=config.to_dict(), latent=Latent(config.scale_factor),
-        schedule=ScheduleConfig(schedule.linear_start, schedule.linear_end, schedule.timesteps),
+        schedule=config.schedule,
         capabilities=report.capabilities,
         musiq=MusiqLimits(n_max, FIXED_TOKENS + 1, config.musiq.patch_size, tuple(config.musiq.longer_side_lengths),
                           config.musiq.spatial_pos_grid_size),

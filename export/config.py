@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from adaptbir.runtime.errors import ConfigError
+from adaptbir.runtime.manifest import ScheduleConfig  # the manifest's section: one schedule description
+
+SCHEDULE_KEYS = ("linear_start", "linear_end", "timesteps")  # what a model config may set (the rest is fixed)
 
 PRESETS = ("sd21", "tiny")
 
@@ -107,13 +110,6 @@ class TextEncoderConfig:
 
 
 @dataclass(frozen=True)
-class ScheduleConfig:
-    linear_start: float = 0.00085
-    linear_end: float = 0.012
-    timesteps: int = 1000
-
-
-@dataclass(frozen=True)
 class ModelConfig:
     """Every hyper-parameter of one AdaptBIR model."""
 
@@ -152,7 +148,8 @@ def config_from_dict(raw: dict[str, Any], name: str = "custom") -> ModelConfig:
         vae=_take(VAEConfig, _section(raw, "vae"), "vae"),
         restoration_encoder=_take(VAEConfig, raw.get("restoration_encoder") or raw["vae"], "restoration_encoder"),
         musiq=_take(MusiqConfig, _section(raw, "musiq"), "musiq"),
-        schedule=_take(ScheduleConfig, raw.get("schedule", {}), "schedule"),
+        schedule=_take(ScheduleConfig, {k: v for k, v in raw.get("schedule", {}).items() if k in SCHEDULE_KEYS},
+                       "schedule"),
         text_encoder=text,
         context_dim=context_dim,
         scale_factor=float(raw.get("latent", {}).get("scale_factor", 0.18215)),

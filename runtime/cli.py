@@ -73,7 +73,7 @@ class Job:
 
 def _walk(folder: Path, root: Path) -> list[Path]:
     """Image files under `folder`, recursively, in a stable order; never anything inside OUTDIR (`root`)."""
-    if folder.resolve() == root or folder.resolve().is_relative_to(root):
+    if folder.resolve().is_relative_to(root):  # OUTDIR itself included
         raise ArgumentError(f"{folder}: this input folder is the output folder or inside it; choose another -o")
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and p.is_file()
                   and not p.parent.resolve().is_relative_to(root))

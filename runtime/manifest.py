@@ -63,10 +63,13 @@ def _from(cls, data: dict[str, Any], **converted: Any):
 
 
 def _json(value: Any) -> Any:
-    """A section as JSON: dataclasses become objects, tuples lists, None-valued optional fields dropped."""
+    """A section as JSON: dataclasses become objects, tuples lists; None-valued optional fields and fields
+    not stored (the manifest's directory) are dropped."""
+    if isinstance(value, TensorSpec):
+        return value.to_dict()
     if hasattr(value, "__dataclass_fields__"):
-        return {f.name: _json(getattr(value, f.name)) for f in fields(value)
-                if not (f.metadata.get("optional") and getattr(value, f.name) is None)}
+        return {f.name: _json(getattr(value, f.name)) for f in fields(value) if f.metadata.get("stored", True)
+                and not (f.metadata.get("optional") and getattr(value, f.name) is None)}
     if isinstance(value, dict):
         return {k: _json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -110,9 +113,11 @@ class Latent:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    linear_start: float
-    linear_end: float
-    timesteps: int
+    """The diffusion schedule: SD's values by default; a model config may set the first three."""
+
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    timesteps: int = 1000
     default_steps: int = 50
     beta_schedule: str = "linear"
     parameterization: str = "eps"
@@ -151,12 +156,6 @@ class GraphEntry:
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:
         return _from(cls, data, inputs=tuple(map(TensorSpec.from_dict, data["inputs"])),
                      outputs=tuple(map(TensorSpec.from_dict, data["outputs"])))
-
-    def to_dict(self) -> dict[str, Any]:
-        data = _json(self)
-        data["inputs"] = [t.to_dict() for t in self.inputs]
-        data["outputs"] = [t.to_dict() for t in self.outputs]
-        return data
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -227,11 +226,7 @@ class Manifest:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: _json(getattr(self, f.name)) for f in fields(self)
-                if f.metadata.get("stored", True) and not (f.metadata.get("optional") and getattr(self, f.name)
-                                                           is None)}
-        data["graphs"] = {name: g.to_dict() for name, g in self.graphs.items()}
-        return data
+        return _json(self)
 
     def write(self, directory: Path) -> Manifest:
         """Validate (schema, listed files) and write `directory/manifest.json` atomically."""
