@@ -236,10 +236,11 @@ def compare(actual: list[np.ndarray], expected: list[np.ndarray], tol: Tolerance
 
 
 def run_onnx(path: Path, feeds: dict[str, np.ndarray], threads: int | None = None) -> list[np.ndarray]:
-    """One run of a graph on ONNX Runtime's CPU provider, through the runtime's own session class."""
+    """One run of a graph on ONNX Runtime's CPU provider, through the runtime's own session class; its
+    memory goes back when it returns (a build runs each graph once, between loading and freeing weights)."""
     from adaptbir.runtime.backends import OrtSession
 
-    return OrtSession(path, ["CPUExecutionProvider"], threads).run(feeds)
+    return OrtSession(path, ["CPUExecutionProvider"], threads, shared_arena=False).run(feeds)
 
 
 Sample = tuple[torch.Tensor, ...]
