@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
+    p.add_argument("--peak-sizes", default="2048,4096", metavar="N,N",
+                   help="square matmul sizes of the machine-peak measurement (default 2048,4096)")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
 
@@ -146,7 +148,7 @@ def run(args) -> dict[str, Any]:
         report["openvino_compile"] = compile_times
     if model is not None:
         report["flops"] = stage_flops(model, runners["runtime"])
-        report["matmul_peak"] = matmul_peak(args.threads)
+        report["matmul_peak"] = matmul_peak(args.threads, tuple(int(n) for n in args.peak_sizes.split(",")))
         report["fp32_weight_bytes"] = 4 * sum(p.numel() for p in model.parameters())
     if not args.no_memory:
         report["memory"] = peak_rss(engines_dir, args.size, args.steps, args.threads, backend, engines.cpu_precision)

@@ -23,7 +23,7 @@ def workdir(tmp_path_factory):
 def test_bench_tiny_with_torch_comparison(workdir, tmp_path):
     result_file = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--compare", "torch",
-           "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256"]
+           "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256", "--peak-sizes", "512"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result_file.read_text())
@@ -37,6 +37,7 @@ def test_bench_tiny_with_torch_comparison(workdir, tmp_path):
     overhead = report["stages"]["e2e"]["overhead"]
     assert overhead["median"] >= 0 and 0 <= overhead["fraction_median"] < 1
     assert report["flops"]["unet_step"] > 0 and report["matmul_peak"]["fp32_gflops"] > 0
+    assert report["matmul_peak"]["sizes"] == [512]
     assert report["memory"]["peak_rss_mib"] > 0 and report["memory"]["torch_loaded"] is False
     assert result_file.with_suffix(".png").stat().st_size > 0
     assert "runtime overhead" in result.stdout and "ratio" in result.stdout
