@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.sizes import parse_size
@@ -37,19 +38,20 @@ RESULTS = Path("benchmarks/results")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaptbir-bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="adaptbir-bench", description=__doc__.split("\n\n")[0].replace("`", ""),
+                                formatter_class=DefaultsHelp)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--engines", type=Path, help="an existing engine directory")
     source.add_argument("--preset", choices=("tiny", "sd21"), help="random weights of this preset, built on the fly")
     source.add_argument("--checkpoint", type=Path, help="build engines from this checkpoint (sd21 hyper-parameters)")
     p.add_argument("--musiq", type=Path, help="MUSIQ weights with --checkpoint")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="of engines built on the fly")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--runs", type=int, default=5, help="measured runs per stage (medians over them)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured runs before them")
     p.add_argument("--steps", type=int, default=50, help="sampling steps of the loop and end-to-end stages")
     p.add_argument("--size", default="512x512", help="image HxW (multiples of 64; short side >= 512 avoids upscaling)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--backend", default="ort-cpu")
+    p.add_argument("--backend", default="ort-cpu", help="runtime backend measured")
     p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
     p.add_argument("--compare", choices=("torch", "fp16", "openvino"),
                    help="torch: alternate with torch eager on the same weights; "
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--peak-sizes", default="2048,4096", metavar="N,N",
-                   help="square matmul sizes of the machine-peak measurement (default 2048,4096)")
+                   help="square matmul sizes of the machine-peak measurement")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
 

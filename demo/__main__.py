@@ -18,8 +18,10 @@ from matplotlib import cbook
 
 from adaptbir.export.build import WeightSource, build
 from adaptbir.export.config import load_config
+from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
+from adaptbir.runtime.sizes import describe_size
 
 ENGINES = Path("engines/tiny-random")
 OUT = Path("out/demo")
@@ -47,10 +49,11 @@ def timing_table(timings: dict[str, float], steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int)
+    parser = argparse.ArgumentParser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=DefaultsHelp)
+    parser.add_argument("--steps", type=int, default=50, help="sampling steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the noise")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     args = parser.parse_args(argv)
 
     print(f"1/3 engines: tiny preset, random weights (seed {args.seed}) -> {ENGINES}")
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
     photo = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     image = read_image(photo)
-    print(f"2/3 restore {photo.name} ({image.rgb.shape[0]}x{image.rgb.shape[1]}), {args.steps} steps, ort-cpu")
+    print(f"2/3 restore {photo.name} ({describe_size(*image.rgb.shape[:2])}), {args.steps} steps, ort-cpu")
     pipeline = Pipeline.from_engines(ENGINES, threads=args.threads)
     result = pipeline.restore(image, seed=args.seed, steps=args.steps)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     out = result.image
     write_image(target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif)
     (OUT / "grace_hopper.json").write_text(json.dumps({**result.record(), **pipeline.describe()}, indent=1))
-    print(f"    wrote {target} ({out.rgb.shape[0]}x{out.rgb.shape[1]}), record in {OUT / 'grace_hopper.json'}")
+    print(f"    wrote {target} ({describe_size(*out.rgb.shape[:2])}), record in {OUT / 'grace_hopper.json'}")
     print(f"    MUSIQ score {result.score:.3f} -> class {result.label}, k = {result.k}, w = {result.w:.3f}")
 
     print("3/3 timings (one run, not a benchmark: see adaptbir-bench)")

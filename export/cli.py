@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.backends import BACKENDS, CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
@@ -22,10 +23,11 @@ from adaptbir.runtime.sizes import size_argument
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0].replace("`", ""))
     sub = parser.add_subparsers(dest="command", required=True)
+    defaults = DefaultsHelp
 
-    build = sub.add_parser("build", help="export the ONNX engine directory")
+    build = sub.add_parser("build", help="export the ONNX engine directory", formatter_class=defaults)
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="AdaptBIR stage-3 checkpoint, or an SD 2.1-base one")
     source.add_argument("--random-weights", action="store_true", help="seeded random weights (tests, demos)")
@@ -36,23 +38,25 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--preset", choices=("sd21", "tiny"), help="hyper-parameters (default sd21)")
     config.add_argument("--config", type=Path, help="hyper-parameters from a JSON file (tiny_config.json schema)")
     build.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of a random context")
-    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32")
+    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="of the UNet, encoders, decoder")
     build.add_argument("--context", type=Path, help="[1,77,C] .npy replacing the empty-prompt context")
     build.add_argument("--musiq-n-max", type=int, help="largest MUSIQ token count the engines must serve")
     build.add_argument("--out", type=Path, required=True, help="engine directory to write (engines/NAME)")
     build.add_argument("--ignore-memory-check", action="store_true",
                        help="build even when the predicted peak memory exceeds the available memory")
 
-    trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)")
-    trt.add_argument("--engines", type=Path, required=True)
+    trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)",
+                         formatter_class=defaults)
+    trt.add_argument("--engines", type=Path, required=True, help="engine directory to add the plans to")
     trt.add_argument("--shape", help="one image size HxW (multiple of 64), e.g. 512x512")
     trt.add_argument("--min", dest="min_shape", help="smallest image HxW of the profile")
     trt.add_argument("--opt", dest="opt_shape", help="image HxW TensorRT optimises for")
     trt.add_argument("--max", dest="max_shape", help="largest image HxW of the profile")
     trt.add_argument("--batch", type=int, default=1, help="largest batch of the profile")
-    trt.add_argument("--workspace-gib", type=float, default=8.0)
+    trt.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace limit")
 
-    check = sub.add_parser("check", help="run every graph on several backends with the same inputs and compare")
+    check = sub.add_parser("check", help="run every graph on several backends with the same inputs and compare",
+                           formatter_class=defaults)
     check.add_argument("--engines", type=Path, required=True, help="engine directory to check")
     check.add_argument("--backends", help=f"comma-separated, the first is the baseline ({', '.join(BACKENDS)}; "
                                           "default: ort-cpu and every other backend available here)")

@@ -6,6 +6,7 @@ value fails in a line before minutes of sampling, never late and never with a mi
 
 from __future__ import annotations
 
+import argparse
 import math
 from numbers import Integral, Real
 
@@ -54,3 +55,12 @@ def check_arguments(*, steps: int | None = None, seed: int | None = None, score:
         raise ArgumentError(f"tile size must be 0 (never tile) or a multiple of 64 of at least {TILE_MIN} px, "
                             f"not {tile_size!r}")
     return warnings
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each option's default, except where there is none to show (None, a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)

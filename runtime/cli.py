@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .arguments import check_arguments
+from .arguments import DefaultsHelp, check_arguments
 from .backends import BACKENDS, CPU_PRECISIONS, backend_status
 from .errors import AdaptBIRError, ArgumentError
 from .image_io import READ_SUFFIXES
 from .manifest import Manifest
+from .progress import BatchProgress, ImageProgress
 
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 
@@ -35,12 +36,16 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir", description="AdaptBIR blind image restoration runtime")
     parser.add_argument("--version", action="version", version=f"adaptbir {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("restore", help="restore image files or directories")
+    defaults = DefaultsHelp
+    r = sub.add_parser("restore", help="restore image files or directories", formatter_class=defaults,
+                       description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
+                       "reported and the batch goes on (exit 1), usage errors exit 2, Ctrl-C exits 130.")
     r.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories (recursive)")
-    r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+    r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
+                   help="output folder (created; folders keep their layout inside it)")
     r.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
     r.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
-                   help="ort-cpu (default), openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
+                   help="ort-cpu, openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
     r.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
     r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
@@ -49,17 +54,19 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
     r.add_argument("--k", type=float, help="override the latent interpolation weight k")
     r.add_argument("--w", type=float, help="override the CSFT strength w")
-    r.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale")
+    r.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale (0.125..16)")
     r.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
     r.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; default auto)")
-    r.add_argument("--color-fix", default="none", choices=("none", "adain", "wavelet"))
-    r.add_argument("--format", default="png", choices=tuple(FORMATS))
-    r.add_argument("--quality", type=int, default=95, help="jpg/webp quality")
-    r.add_argument("--on-exists", default="skip", choices=("skip", "overwrite", "suffix"))
+    r.add_argument("--color-fix", default="none", choices=("none", "adain", "wavelet"),
+                   help="match the colours of the input's reconstruction")
+    r.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format")
+    r.add_argument("--quality", type=int, default=95, help="jpg/webp quality (0..100)")
+    r.add_argument("--on-exists", default="skip", choices=("skip", "overwrite", "suffix"),
+                   help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
     r.add_argument("--report", type=Path, help="append one JSON record per image to this JSONL file")
-    r.add_argument("--quiet", action="store_true", help="no progress bars")
+    r.add_argument("--quiet", action="store_true", help="no progress, only errors and the summary")
     i = sub.add_parser("info", help="print an engine directory's manifest as a table")
-    i.add_argument("engines", type=Path)
+    i.add_argument("engines", type=Path, help="engine directory (adaptbir-export build)")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     return parser
 
@@ -152,13 +159,6 @@ def _writes_complete():
         raise KeyboardInterrupt
 
 
-def _progress_bar(total: int, desc: str, quiet: bool, position: int = 0):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, disable=quiet, leave=position == 0, position=position, unit="img"
-                if position == 0 else "step", file=sys.stderr, dynamic_ncols=True)
-
-
 def _restore(args) -> int:
     from .pipeline import Pipeline
 
@@ -175,38 +175,41 @@ def _restore(args) -> int:
                                      precision=args.cpu_precision)
     failures = list(problems)
     done = skipped = 0
-    images = _progress_bar(len(jobs), "images", args.quiet)
+    shown = BatchProgress(len(jobs), quiet=args.quiet)
     interrupted = False
     for job in jobs:
         record: dict[str, Any] = {"input": str(job.source), **pipeline.describe()}
         started = time.perf_counter()
+        progress = shown.image(job.source.name)
         try:
             if job.skip:
                 skipped += 1
                 record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
             else:
-                result = _restore_image(pipeline, job, args)
+                result = _restore_image(pipeline, job, args, progress)
                 with _writes_complete():
                     _write_output(job, result.image, args)
                     done += 1
                     record.update(status="ok", output=str(job.target), **result.record())
                 for warning in result.warnings:
-                    images.write(f"adaptbir: {job.source}: warning: {warning}", file=sys.stderr)
+                    shown.write(f"adaptbir: {job.source}: warning: {warning}")
+            progress.finish(record["status"])
         except KeyboardInterrupt:  # the current image is abandoned (or, if Ctrl-C came during its write, kept)
             interrupted = True
             record.setdefault("status", "interrupted")
         except Exception as err:  # any per-image failure is recorded and the batch goes on
-            message = str(err) if isinstance(err, (AdaptBIRError, OSError)) else f"{type(err).__name__}: {err}"
-            failures.append(message if message.startswith(str(job.source)) else f"{job.source}: {message}")
-            record.update(status="failed", error=message)
-            images.write(f"adaptbir: {failures[-1]}", file=sys.stderr)
+            message = _without_path(err, job.source)
+            failures.append(f"{job.source}: {message}")
+            record.update(status="failed", error=message)  # the record names the input once, in "input"
+            progress.finish("failed")
+            shown.write(f"adaptbir: {failures[-1]}")
         record["wall_s"] = round(time.perf_counter() - started, 6)
         with _writes_complete():
             _report(args.report, record)
-        images.update(1)
+        shown.advance()
         if interrupted:
             break
-    images.close()
+    shown.close()
     verb = "interrupted after" if interrupted else "restored"
     print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s)"
           f" -> {args.out}", file=sys.stderr)
@@ -215,19 +218,19 @@ def _restore(args) -> int:
     return 130 if interrupted else 1 if failures else 0
 
 
-def _restore_image(pipeline, job: Job, args):
+def _without_path(err: Exception, source: Path) -> str:
+    """The error's message without a leading `source: ` (the caller names the input once)."""
+    message = str(err) if isinstance(err, (AdaptBIRError, OSError)) else f"{type(err).__name__}: {err}"
+    return message.removeprefix(f"{source}: ")
+
+
+def _restore_image(pipeline, job: Job, args, progress: ImageProgress):
     from .image_io import read_image
 
-    loaded = read_image(job.source)
-    steps = _progress_bar(args.steps, job.source.name, args.quiet, position=1)
-    try:
-        result = pipeline.restore(
-            loaded, seed=args.seed, steps=args.steps, score=args.score, k=args.k, w=args.w, sr_scale=args.sr_scale,
-            resize_back=not args.no_resize_back, color_fix=args.color_fix, tile_size=args.tile_size,
-            progress=lambda i, n: steps.update(1))
-    finally:
-        steps.close()
-    return result
+    return pipeline.restore(
+        read_image(job.source), seed=args.seed, steps=args.steps, score=args.score, k=args.k, w=args.w,
+        sr_scale=args.sr_scale, resize_back=not args.no_resize_back, color_fix=args.color_fix,
+        tile_size=args.tile_size, progress=progress.step, on_stage=progress.stage)
 
 
 def _write_output(job: Job, out, args) -> None:

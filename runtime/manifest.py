@@ -324,15 +324,30 @@ def load_manifest(directory: str | Path, verify: bool = True) -> Manifest:
     return manifest
 
 
+def _nearby(directory: Path) -> str:
+    """What to do about a wrong engine path: the engine directories in the places a user would mean (the
+    path's parent, the current folder, and an `engines/` folder in either), or how to build one."""
+    found: set[str] = set()
+    for place in {directory.parent, Path("."), directory.parent / "engines", Path("engines")}:
+        try:
+            found |= {str(p) for p in place.iterdir() if (p / MANIFEST).is_file()}
+        except OSError:  # not there, or not readable
+            continue
+    if not found:
+        return "build one with `adaptbir-export build ... --out DIR` (or `make demo` for tiny random engines)"
+    shown = ", ".join(sorted(found)[:8]) + (f" and {len(found) - 8} more" if len(found) > 8 else "")
+    return f"engine directories found nearby: {shown}"
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """The manifest alone, validated (schema, versions, gating rule, listed names), its files unchecked:
     for the builder, which checks each file it reuses itself."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise EngineError(f"engine directory {directory} does not exist; {REBUILD}")
+        raise EngineError(f"engine directory {directory} does not exist; {_nearby(directory)}")
     path = directory / MANIFEST
     if not path.is_file():
-        raise EngineError(f"{directory} has no {MANIFEST}: not an engine directory; {REBUILD}")
+        raise EngineError(f"{directory} has no {MANIFEST}: not an engine directory; {_nearby(directory)}")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

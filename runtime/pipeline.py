@@ -27,16 +27,17 @@ from .backends import Engines
 from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
 from .preprocess import Geometry, finish, from_model_range, plan_geometry, prepare, to_model_range
-from .stages import LatentResult, Progress, Stages, Timings
+from .stages import LatentResult, Progress, StageHook, Stages, Timings
 from .tiling import TILE_ABOVE_PIXELS
 
-__all__ = ["LatentResult", "Pipeline", "Progress", "Result", "Timings"]
+__all__ = ["LatentResult", "Pipeline", "Progress", "Result", "StageHook", "Timings"]
 
 
 @dataclass
 class Result:
     image: Any  # same kind as the input: uint8 numpy HxWx3/4 or PIL image
-    score: float | None  # MUSIQ score (None when given by the caller)
+    score: float  # the quality score the gate used: measured by MUSIQ, or given by the caller
+    score_source: str  # "measured" | "given"
     label: str  # severe | medium | mild
     k: float
     w: float
@@ -50,9 +51,10 @@ class Result:
     precision: str = "fp32"  # what the UNet, encoders and decoder computed in (MUSIQ: always fp32)
 
     def record(self) -> dict[str, Any]:
-        return {"score": self.score, "class": self.label, "k": self.k, "w": self.w, "seed": self.seed,
-                "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled, "timings": self.timings,
-                "warnings": self.warnings, "backend": self.backend, "compute_precision": self.precision}
+        return {"score": self.score, "score_source": self.score_source, "class": self.label, "k": self.k,
+                "w": self.w, "seed": self.seed, "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled,
+                "timings": self.timings, "warnings": self.warnings, "backend": self.backend,
+                "compute_precision": self.precision}
 
 
 class Pipeline:
@@ -99,8 +101,11 @@ class Pipeline:
     def restore(self, image: np.ndarray | Image.Image | LoadedImage, *, seed: int | None = None, steps: int = 50,
                 score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
                 resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,
-                progress: Progress | None = None) -> Result:
+                progress: Progress | None = None, on_stage: StageHook | None = None) -> Result:
         """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
+
+        `progress(i, n)` follows the sampling steps (raise to cancel); `on_stage(name, tiles)` is called as
+        each stage begins (musiq, encode, sample, decode) with the number of tiles it runs on.
 
         Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
         notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
@@ -114,19 +119,23 @@ class Pipeline:
             padded = prepare(loaded.rgb, geometry, sr_scale)
         measured = None
         if score is None:
+            if on_stage:
+                on_stage("musiq", 1)
             with timings.stage("musiq"):
                 measured = self.stages.score(padded, timings)
         decision = self.stages.decide(measured if score is None else float(score), k, w)
         latent = self.stages.run(to_model_range(padded), decision, steps=steps, seed=seed, color_fix=color_fix,
-                                 tile_size=tile_size, progress=progress, timings=timings)
+                                 tile_size=tile_size, progress=progress, timings=timings, on_stage=on_stage)
         with timings.stage("postprocess"):
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)
         timings.stages["total"] = time.perf_counter() - started
         if measured is not None and measured < 0:  # the reference asserts this away; random weights do it
             notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
-        return Result(out, measured, decision.label, decision.k, decision.w, seed, steps, timings.to_dict(),
-                      _sizes(geometry), latent.tiled, notes, self.engines.backend, self.engines.compute_precision)
+        source = "given" if measured is None else "measured"
+        return Result(out, decision.score, source, decision.label, decision.k, decision.w, seed, steps,
+                      timings.to_dict(), _sizes(geometry), latent.tiled, notes, self.engines.backend,
+                      self.engines.compute_precision)
 
     @staticmethod
     def _like_input(image: Any, loaded: LoadedImage, rgb: np.ndarray) -> Any:

@@ -21,6 +21,11 @@ def parse_size(text: str, multiple: int = 64) -> Size:
     return h, w
 
 
+def describe_size(height: int, width: int) -> str:
+    """A size for people, saying which number is which: `512×600 (W×H)`, as image viewers print it."""
+    return f"{width}×{height} (W×H)"
+
+
 def size_argument(text: str) -> Size:
     """`parse_size` as an argparse type, so a bad size is a usage error."""
     try:

@@ -23,7 +23,8 @@ from .preprocess import to_uint8
 from .sampler import NoiseSource, Schedule, sample
 from .tiling import LATENT_TILE, TILE_ABOVE_PIXELS, Tile, blend, tiles
 
-Progress = Callable[[int, int], None]
+Progress = Callable[[int, int], None]  # after sampling step i of n; raising cancels the restore
+StageHook = Callable[[str, int], None]  # a stage ("musiq", "encode", "sample", "decode") begins, on N tiles
 
 
 @dataclass
@@ -164,8 +165,8 @@ class Stages:
 
     def run(self, x: np.ndarray, decision: Gate, *, steps: int, seed: int | None = None,
             x_T: np.ndarray | None = None, noise: np.ndarray | None = None, color_fix: str = "none",
-            tile_size: int | None = None, progress: Progress | None = None, timings: Timings | None = None
-            ) -> LatentResult:
+            tile_size: int | None = None, progress: Progress | None = None, timings: Timings | None = None,
+            on_stage: StageHook | None = None) -> LatentResult:
         """Encode and mix, sample, decode a padded image x [1,3,H,W] in [-1,1] for a decided gate.
 
         The noise comes from `seed` (the runtime's RNG protocol), or `x_T` [1,4,h,w] and `noise`
@@ -176,6 +177,9 @@ class Stages:
         if seed is None and (x_T is None or noise is None):
             raise InputError("give a seed, or both x_T and noise")
         tile = self.tile_plan(x.shape[2:], tile_size)
+        tiles = len(self.grid(x.shape[2] // 8, x.shape[3] // 8, tile))
+        begin = on_stage or (lambda stage, tiles: None)
+        begin("encode", tiles)
         with timings.stage("encode"):
             z_restore, z_identity = self.encode(x, tile, timings)
             cond = self.mix(z_restore, z_identity, decision.k)
@@ -183,8 +187,10 @@ class Stages:
         source = NoiseSource(seed or 0, cond.shape)
         start = source.draw() if x_T is None else x_T.astype(np.float32)
         noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])
+        begin("sample", tiles)
         with timings.stage("sample"):
             latent = sample(self.eps_model(cond, decision.w, tile, timings), start, schedule, noise_at, progress)
+        begin("decode", tiles)
         with timings.stage("decode"):
             decoded = self.decode(latent, tile, timings)
             if color_fix != "none":

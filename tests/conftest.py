@@ -1,6 +1,6 @@
 """Shared fixtures: the reference golden data (../shared/reference) and the tiny model loaded from it.
 
-Every parity test logs its measured error through `parity`; the table is printed at the end of the run.
+Every parity test logs its measured error through `parity`; a summary is printed at the end of the run.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("ADAPTBIR_REFERENCE", REPO.parent / "shared" / "reference"))
 
-_PARITY: list[tuple[str, float, float]] = []
+_PARITY: list[tuple[str, str, float, float]] = []
 
 
 @pytest.fixture(scope="session")
@@ -91,25 +91,43 @@ def threads_agree():
     return check
 
 
-@pytest.fixture(scope="session")
-def parity():
-    """`parity(case, actual, expected, atol)`: assert max |actual − expected| ≤ atol and log it."""
+@pytest.fixture
+def parity(request):
+    """`parity(case, actual, expected, atol)`: assert max |actual − expected| ≤ atol and log it under the
+    test module (torch_model, export, openvino, sampler, pipeline, ...)."""
+    layer = request.module.__name__.rpartition(".")[2].removeprefix("test_")
 
     def check(case: str, actual, expected, atol: float) -> float:
         actual = np.asarray(actual.detach().cpu() if hasattr(actual, "detach") else actual, dtype=np.float64)
         expected = np.asarray(expected, dtype=np.float64)
         assert actual.shape == expected.shape, f"{case}: shape {actual.shape} != {expected.shape}"
         err = float(np.max(np.abs(actual - expected))) if actual.size else 0.0
-        _PARITY.append((case, err, atol))
+        _PARITY.append((layer, case, err, atol))
         assert err <= atol, f"{case}: max abs error {err:.3g} > {atol:.3g}"
         return err
 
     return check
 
 
-def pytest_terminal_summary(terminalreporter):
+def pytest_terminal_summary(terminalreporter, config):
+    """A short parity summary: per test module, the case closest to its tolerance. The whole table (each
+    case once, its worst error) with `-v` or ADAPTBIR_PARITY=full."""
     if not _PARITY:
         return
-    terminalreporter.section("parity: max abs error per case")
-    for case, err, atol in _PARITY:
-        terminalreporter.write_line(f"{case:<58} {err:10.3g}  (tolerance {atol:.0e})")
+    cases: dict[tuple[str, str], tuple[float, float]] = {}
+    for layer, case, err, atol in _PARITY:
+        if (layer, case) not in cases or err > cases[layer, case][0]:
+            cases[layer, case] = (err, atol)
+    full = config.getoption("verbose") > 0 or os.environ.get("ADAPTBIR_PARITY") == "full"
+    write = terminalreporter.write_line
+    if full:
+        terminalreporter.section(f"parity: max abs error of each of {len(cases)} cases")
+        for (layer, case), (err, atol) in sorted(cases.items()):
+            write(f"{layer:<14} {case:<58} {err:10.3g}  (tolerance {atol:.0e})")
+        return
+    terminalreporter.section(f"parity: {len(cases)} cases, the closest to its tolerance per module "
+                             "(-v or ADAPTBIR_PARITY=full: all)")
+    for layer in sorted({layer for layer, _ in cases}):
+        mine = {case: v for (lay, case), v in cases.items() if lay == layer}
+        case, (err, atol) = max(mine.items(), key=lambda kv: kv[1][0] / kv[1][1] if kv[1][1] else kv[1][0] > 0)
+        write(f"{layer:<14} {len(mine):>3} cases  worst: {case:<50} {err:9.3g}  (tolerance {atol:.0e})")

@@ -86,9 +86,13 @@ def test_bad_inputs_fail_clearly_and_the_batch_goes_on(tiny_engines, tmp_path, c
         if isinstance(want, tuple):
             assert r["status"] == "ok", (name, r.get("error"))
             assert Image.open(r["output"]).size == want, name
+            assert (r["score"], r["score_source"]) == (50, "given")  # the score used, even when given
         else:
             assert r["status"] == "failed" and want.lower() in r["error"].lower(), (name, r.get("error"))
-            assert name in err and "Traceback" not in err
+            assert name not in r["error"], r["error"]  # the record names the input once, in "input"
+            lines = [line for line in err.splitlines() if name in line]
+            assert lines and all(line.count(name) == 1 for line in lines), lines
+            assert "Traceback" not in err
     assert Image.open(out / "rgba.png").mode == "RGBA"
     produced = sorted(p.name for p in out.iterdir())
     assert produced == sorted(Path(n).with_suffix(".png").name for n, w in expected.items() if isinstance(w, tuple))
@@ -97,11 +101,12 @@ def test_bad_inputs_fail_clearly_and_the_batch_goes_on(tiny_engines, tmp_path, c
 
 def test_engine_directory_errors_are_one_line(tiny_engines, tmp_path, capsys):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
+    broken = tmp_path / "engines" / "broken"
+    shutil.copytree(tiny_engines, broken)
     assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines",
                  str(tmp_path / "missing"), *STEPS]) == 2
-    assert capsys.readouterr().err.strip().count("\n") == 0
-    broken = tmp_path / "broken"
-    shutil.copytree(tiny_engines, broken)
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"engine directories found nearby: {broken}" in err, err
     (broken / "musiq.onnx").write_bytes(b"x")
     assert main(["info", str(broken)]) == 2
     err = capsys.readouterr().err.strip()
@@ -155,3 +160,34 @@ def test_info_prints_the_manifest(tiny_engines, capsys):
     printed = capsys.readouterr().out
     for fragment in ("preset tiny", "precision         fp32", "has_csft=yes", "unet", "musiq", "x[B, 4, h, w]"):
         assert fragment in printed, fragment
+
+
+def test_progress_without_a_terminal_is_plain_lines_per_stage(tiny_engines, tmp_path, capsys):
+    """stderr is not a terminal here (captured): one line per stage, tiles counted, steps with a rate and an
+    ETA once the first (warm-up) step is behind, no carriage returns; --quiet prints none of it."""
+    Image.fromarray(_photo(64, 64)).save(tmp_path / "a.png")
+    args = ["restore", str(tmp_path / "a.png"), "--engines", str(tiny_engines), "--steps", "3", "--tile-size", "256"]
+    assert main([*args, "-o", str(tmp_path / "o")]) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("[1/1] a.png: ")]
+    assert [line.split(": ", 1)[1] for line in lines[:3]] == ["scoring (MUSIQ)", "encoding, 9 tiles",
+                                                              "sampling, 9 tiles"], lines
+    assert lines[3].startswith("[1/1] a.png: step 1/3, first step ")
+    assert lines[4].startswith("[1/1] a.png: step 3/3, ") and lines[4].endswith(" s/step, eta 0 s")
+    assert lines[5].endswith("decoding, 9 tiles") and lines[6].startswith("[1/1] a.png: ok (") and len(lines) == 7
+    assert main([*args, "-o", str(tmp_path / "q"), "--quiet"]) == 0
+    assert "a.png" not in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["restore", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for fragment in ("sampling steps (2..1000) (default: 50)", "(default: ort-cpu)", "(default: none)",
+                     "(default: png)", "(default: skip)", "(default: 1.0)", "(default: 95)"):
+        assert fragment in text, fragment
+    assert "(default: None)" not in text and "(default: False)" not in text
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    assert "engine directory (adaptbir-export build)" in capsys.readouterr().out

@@ -6,6 +6,7 @@ import importlib.metadata
 import importlib.util
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,18 @@ def test_presets_ship_inside_the_package():
 def test_runtime_import_is_torch_free():
     code = "import sys, adaptbir.runtime, adaptbir.runtime.errors; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_building_the_package_warns_about_nothing_in_its_metadata(tmp_path):
+    """A fresh install builds the wheel; setuptools' warnings about our pyproject (a deprecated license
+    table, a data folder missing from `packages`) would be the first lines a new user reads."""
+    repo = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                             "-w", str(tmp_path), str(repo)], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = result.stdout + result.stderr
+    warnings = [line.strip() for line in output.splitlines() if "Warning" in line or "deprecated" in line]
+    assert not warnings, warnings
+    wheel = next(tmp_path.glob("adaptbir-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {"adaptbir/export/presets/tiny.json", "adaptbir/runtime/manifest.schema.json"} <= set(names)

@@ -82,11 +82,11 @@ def test_same_seed_same_result_and_threads_agree(pipeline, threads_agree):
 def test_gating_and_overrides(pipeline):
     photo = _photo(64, 64)
     measured = pipeline.restore(photo, seed=0, steps=2)
-    assert measured.score is not None and measured.score < 0  # random MUSIQ weights score negative
+    assert measured.score < 0 and measured.score_source == "measured"  # random MUSIQ weights score negative
     assert (measured.k, measured.w, measured.label) == (0.0, 0.0, "severe")
     assert measured.warnings and "treated as severe" in measured.warnings[0]
     given = pipeline.restore(photo, seed=0, steps=2, score=80)
-    assert given.score is None and "musiq_s" not in given.timings
+    assert (given.score, given.score_source) == (80, "given") and "musiq_s" not in given.timings
     assert (given.k, given.w, given.label) == (0.7, pytest.approx(1.0), "mild")
     custom = pipeline.restore(photo, seed=0, steps=2, score=50, k=0.3, w=0.9)
     assert (custom.k, custom.w, custom.label) == (0.3, 0.9, "medium")

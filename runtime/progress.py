@@ -1,0 +1,114 @@
+"""What a batch tells the person waiting: each image's stages, its sampling steps with an honest ETA.
+
+On a terminal: an images bar and, per image, a status (stage, tiles) and a steps bar. Elsewhere (a pipe,
+a log file, CI): plain lines, one per stage and one every `every` steps, never a carriage return.
+`quiet`: nothing but errors and the summary.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from typing import TextIO
+
+STAGE_NAMES = {"musiq": "scoring (MUSIQ)", "encode": "encoding", "sample": "sampling", "decode": "decoding"}
+
+
+def step_eta(times: list[float], done: int, total: int) -> str:
+    """Rate and ETA from the steps after the first: the first step carries one-off warm-up (arena growth,
+    compilation) and made the naive ETA read minutes per step."""
+    if done < 2:
+        return f"first step {times[0]:.1f} s" if times else ""
+    rate = (times[-1] - times[0]) / (done - 1)
+    return f"{rate:.2f} s/step, eta {_clock(rate * (total - done))}"
+
+
+def _clock(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}:{seconds % 60:02d}" if seconds >= 60 else f"{seconds} s"
+
+
+def _stage_text(stage: str, tiles: int) -> str:
+    return STAGE_NAMES.get(stage, stage) + (f", {tiles} tiles" if tiles > 1 else "")
+
+
+class BatchProgress:
+    def __init__(self, total: int, quiet: bool = False, stream: TextIO | None = None, every: int = 10):
+        self.stream = stream or sys.stderr
+        self.mode = "off" if quiet else "bars" if self.stream.isatty() else "lines"
+        self.total, self.every, self.index = total, every, 0
+        self.images_bar = None
+        if self.mode == "bars":
+            from tqdm import tqdm
+
+            # A fixed width: in a terminal that reports no size, tqdm's dynamic width drew nothing.
+            self.width = shutil.get_terminal_size((100, 24)).columns or 100
+            self.images_bar = tqdm(total=total, desc="images", unit="img", file=self.stream, ncols=self.width)
+
+    def image(self, name: str) -> ImageProgress:
+        self.index += 1
+        return ImageProgress(self, f"[{self.index}/{self.total}] {name}")
+
+    def write(self, line: str) -> None:
+        """A whole line (an error, a warning), never mixed into a bar."""
+        if self.images_bar is not None:
+            self.images_bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def advance(self) -> None:
+        if self.images_bar is not None:
+            self.images_bar.update(1)
+
+    def close(self) -> None:
+        if self.images_bar is not None:
+            self.images_bar.close()
+
+
+class ImageProgress:
+    """Hooks for one image: `stage(name, tiles)` as each stage begins, `step(i, n)` after each step."""
+
+    def __init__(self, batch: BatchProgress, label: str):
+        self.batch, self.label = batch, label
+        self._steps = None
+        self._times: list[float] = []
+        self._started = time.perf_counter()
+
+    def stage(self, stage: str, tiles: int) -> None:
+        self._close_steps()
+        text = _stage_text(stage, tiles)
+        if self.batch.mode == "lines":
+            self.batch.write(f"{self.label}: {text}")
+        elif self.batch.mode == "bars":
+            self.batch.images_bar.set_postfix_str(f"{self.label.split('] ', 1)[1]}: {text}")
+            if stage == "sample":
+                self._open_steps()
+
+    def step(self, done: int, total: int) -> None:
+        self._times.append(time.perf_counter())
+        eta = step_eta(self._times, done, total)
+        if self._steps is not None:
+            self._steps.total = total
+            self._steps.set_postfix_str(eta, refresh=False)
+            self._steps.update(1)
+        elif self.batch.mode == "lines" and (done == 1 or done % self.batch.every == 0 or done == total):
+            self.batch.write(f"{self.label}: step {done}/{total}, {eta}")
+
+    def finish(self, outcome: str) -> None:
+        self._close_steps()
+        if self.batch.mode == "lines":
+            self.batch.write(f"{self.label}: {outcome} ({time.perf_counter() - self._started:.1f} s)")
+
+    def _open_steps(self) -> None:
+        from tqdm import tqdm
+
+        self._times = []
+        self._steps = tqdm(total=1, desc="  steps", unit="step", file=self.batch.stream, position=1, leave=False,
+                           ncols=self.batch.width, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
+                           "[{elapsed}{postfix}]")
+
+    def _close_steps(self) -> None:
+        if self._steps is not None:
+            self._steps.close()
+            self._steps = None
