@@ -19,7 +19,7 @@ from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.backends import BACKENDS, CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
-from adaptbir.runtime.sizes import size_argument
+from adaptbir.runtime.sizes import describe_size, size_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +112,7 @@ def summary_table(manifest: Manifest) -> str:
         rows.append(row(graph.file, f"{manifest.graph_bytes(name) / 2**20:.2f}", graph.precision, graph.parity))
         if graph.parity_full_size:
             full = graph.parity_full_size
-            rows.append(row(f"  at {full['image'][0]}x{full['image'][1]}", "", "", full))
+            rows.append(row(f"  at {describe_size(*full['image'])}", "", "", full))
     context = manifest.files[manifest.context.file].bytes
     rows.append(f"{manifest.context.file:<24} {context / 2**20:>9.2f}  {'fp32':<9} ({manifest.context.source})")
     return "\n".join(rows)

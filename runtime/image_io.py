@@ -151,7 +151,7 @@ def _open(fh: BinaryIO, name: str) -> Image.Image:
 
 def _bomb_message(name: str, size: tuple[int, int] | None, limit: int | None, detail: str) -> str:
     if size is not None:
-        found = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels"
+        found = f"{size[0]}×{size[1]} (W×H) = {size[0] * size[1]:,} pixels"
     else:  # Pillow's message says "Image size (N pixels) exceeds ..."
         digits = detail.split("(", 1)[-1].split(" ", 1)[0]
         found = f"{int(digits):,} pixels" if digits.isdigit() else "more pixels than allowed"

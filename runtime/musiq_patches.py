@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
+from .sizes import describe_size
 
 __all__ = [
     "FIXED_TOKENS",
@@ -213,7 +214,7 @@ def extract_tokens(
         )
     h, w = int(rgb_u8.shape[0]), int(rgb_u8.shape[1])
     if h == 0 or w == 0:
-        raise InputError(f"MUSIQ cannot score an empty image ({h}x{w}).")
+        raise InputError(f"MUSIQ cannot score an empty image ({describe_size(h, w)}).")
     # float32(u8)/255 then (x - 0.5) * 2, each step in float32 as torch does; CHW for the resize/unfold.
     x = rgb_u8.transpose(2, 0, 1).astype(_F32) / _F32(255)
     x = (x - _F32(0.5)) * _F32(2)
@@ -224,7 +225,8 @@ def extract_tokens(
         rh, rw = _resized_size(h, w, longer)
         if rh == 0 or rw == 0:
             raise InputError(
-                f"image {h}x{w} is too elongated for MUSIQ: at longer side {longer} it would be {rh}x{rw} pixels."
+                f"image {describe_size(h, w)} is too elongated for MUSIQ: at longer side {longer} it would be "
+                f"{describe_size(rh, rw)} pixels."
                 " Pad or crop it to a less extreme aspect ratio."
             )
         resized = x if (rh, rw) == (h, w) else bicubic_resize(x, rh, rw)

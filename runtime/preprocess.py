@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
+from .sizes import describe_size
 
 MIN_SHORT_SIDE = 512
 PAD_MULTIPLE = 64
@@ -43,9 +44,9 @@ def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: b
     padded = (-(-h // PAD_MULTIPLE) * PAD_MULTIPLE, -(-w // PAD_MULTIPLE) * PAD_MULTIPLE)
     if padded[0] * padded[1] > MAX_PROCESSING_PIXELS:
         raise InputError(
-            f"a {height}x{width} input becomes {padded[0]}x{padded[1]} for processing (the short side is raised "
-            f"to {MIN_SHORT_SIDE}, then × sr_scale), above the {MAX_PROCESSING_PIXELS // 2**20} Mpx limit; crop or "
-            "resize it first"
+            f"a {describe_size(height, width)} input becomes {describe_size(*padded)} for processing (the short "
+            f"side is raised to {MIN_SHORT_SIDE}, then × sr_scale), above the {MAX_PROCESSING_PIXELS // 2**20} Mpx "
+            "limit; crop or resize it first"
         )
     return Geometry((height, width), (h, w), padded, target if resize_back else (h, w))
 

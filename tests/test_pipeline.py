@@ -200,3 +200,16 @@ print(peak_rss_mib())
     peak_mib = float(result.stdout.strip().splitlines()[-1])
     print(f"2048x1536 tiled, 2 steps: peak RSS {peak_mib:.0f} MiB")
     assert peak_mib < LARGE_PEAK_RSS_MIB
+
+
+def test_readme_api_snippet_runs_as_written(tiny_engines, tmp_path, monkeypatch):
+    """The README's Python example, in a folder where `make demo` has built engines/tiny-random (steps cut
+    from 50 to 2 for time; nothing else changed)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "steps=50" in snippet
+    (tmp_path / "engines").mkdir()
+    (tmp_path / "engines" / "tiny-random").symlink_to(tiny_engines)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(snippet.replace("steps=50", "steps=2"), "README.md", "exec"), {})
+    assert Image.open(tmp_path / "restored.png").size == (512, 600)
