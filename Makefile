@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptbir-installed
+PYTEST_ARGS ?=
 
 .PHONY: install demo test test-slow lint clean
 
@@ -22,10 +23,10 @@ demo: $(STAMP)
 	$(PY) -m adaptbir.demo
 
 test: $(STAMP) lint
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -m slow
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
