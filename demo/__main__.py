@@ -21,6 +21,7 @@ from adaptbir.export.config import load_config
 from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
+from adaptbir.runtime.progress import BatchProgress
 from adaptbir.runtime.sizes import describe_size
 
 ENGINES = Path("engines/tiny-random")
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> None:
     image = read_image(photo)
     print(f"2/3 restore {photo.name} ({describe_size(*image.rgb.shape[:2])}), {args.steps} steps, ort-cpu")
     pipeline = Pipeline.from_engines(ENGINES, threads=args.threads)
-    result = pipeline.restore(image, seed=args.seed, steps=args.steps)
+    shown = BatchProgress(1)
+    progress = shown.image(photo.name)
+    result = pipeline.restore(image, seed=args.seed, steps=args.steps, progress=progress.step,
+                              on_stage=progress.stage)
+    progress.finish("restored")
+    shown.close()
     OUT.mkdir(parents=True, exist_ok=True)
     target = OUT / "grace_hopper.png"
     out = result.image
