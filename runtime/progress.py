@@ -16,11 +16,11 @@ STAGE_NAMES = {"musiq": "scoring (MUSIQ)", "encode": "encoding", "sample": "samp
 
 
 def step_eta(times: list[float], done: int, total: int) -> str:
-    """Rate and ETA from the steps after the first: the first step carries one-off warm-up (arena growth,
-    compilation) and made the naive ETA read minutes per step."""
+    """Rate and ETA from the steps after the first, given the sampling start and each step's end time: the
+    first step carries one-off warm-up (arena growth, compilation) and made a naive ETA read minutes/step."""
     if done < 2:
-        return f"first step {times[0]:.1f} s" if times else ""
-    rate = (times[-1] - times[0]) / (done - 1)
+        return f"first step {times[1] - times[0]:.1f} s"
+    rate = (times[-1] - times[1]) / (done - 1)
     return f"{rate:.2f} s/step, eta {_clock(rate * (total - done))}"
 
 
@@ -42,9 +42,10 @@ class BatchProgress:
         if self.mode == "bars":
             from tqdm import tqdm
 
-            # A fixed width: in a terminal that reports no size, tqdm's dynamic width drew nothing.
-            self.width = shutil.get_terminal_size((100, 24)).columns or 100
-            self.images_bar = tqdm(total=total, desc="images", unit="img", file=self.stream, ncols=self.width)
+            # A fixed size: a terminal that reports 0 rows made tqdm hide every bar as "below the screen".
+            columns, rows = shutil.get_terminal_size((100, 24))
+            self.size = {"ncols": columns or 100, "nrows": rows or 24}
+            self.images_bar = tqdm(total=total, desc="images", unit="img", file=self.stream, **self.size)
 
     def image(self, name: str) -> ImageProgress:
         self.index += 1
@@ -72,11 +73,12 @@ class ImageProgress:
     def __init__(self, batch: BatchProgress, label: str):
         self.batch, self.label = batch, label
         self._steps = None
-        self._times: list[float] = []
+        self._times = [time.perf_counter()]
         self._started = time.perf_counter()
 
     def stage(self, stage: str, tiles: int) -> None:
         self._close_steps()
+        self._times = [time.perf_counter()]  # step times count from the stage's start
         text = _stage_text(stage, tiles)
         if self.batch.mode == "lines":
             self.batch.write(f"{self.label}: {text}")
@@ -103,9 +105,8 @@ class ImageProgress:
     def _open_steps(self) -> None:
         from tqdm import tqdm
 
-        self._times = []
         self._steps = tqdm(total=1, desc="  steps", unit="step", file=self.batch.stream, position=1, leave=False,
-                           ncols=self.batch.width, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
+                           **self.batch.size, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
                            "[{elapsed}{postfix}]")
 
     def _close_steps(self) -> None:
