@@ -80,3 +80,16 @@ def available_bytes() -> int | None:
     headroom = _cgroup_headroom()
     candidates = [v for v in (available, headroom) if v is not None]
     return min(candidates) if candidates else None
+
+
+def musiq_bytes(tokens: int, pixels: int, musiq: dict) -> int:
+    """Predicted peak of one MUSIQ call on an image of `pixels` pixels giving N tokens, beyond what the
+    process held before: five [heads, N, N] float32 attention tensors alive at once (logits, mask, softmax
+    and ONNX Runtime's copies; one layer at a time), the patch tensor (N × 3·patch² float32) three times,
+    per-token activations, and the image as float32 twice (scaled, resized). Fitted to measured peaks of
+    the tiny MUSIQ (4 heads): N = 6115 measured 3.17 GiB, predicted 3.15; N = 11,943 measured 9.4 GiB,
+    predicted 11.4 (an overestimate: it guards against an out-of-memory kill)."""
+    attention = 5 * musiq["num_heads"] * tokens**2 * 4
+    patches = 3 * tokens * 3 * musiq["patch_size"] ** 2 * 4
+    activations = 8 * tokens * (musiq["hidden_size"] + musiq["mlp_dim"]) * 4
+    return attention + patches + activations + 2 * pixels * 3 * 4

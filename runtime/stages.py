@@ -18,7 +18,8 @@ from .backends import Engines
 from .colorfix import color_fix as apply_color_fix
 from .errors import InputError
 from .gating import Gate, gate
-from .musiq_patches import batch_feeds, extract_tokens
+from .memory import GiB, available_bytes, musiq_bytes
+from .musiq_patches import batch_feeds, extract_tokens, token_count
 from .preprocess import to_uint8
 from .sampler import NoiseSource, Schedule, sample
 from .tiling import LATENT_TILE, TILE_ABOVE_PIXELS, Tile, blend, tiles
@@ -74,16 +75,32 @@ class Stages:
     # ------------------------------------------------------------------------- 3. score and gate
 
     def score(self, padded_u8: np.ndarray, timings: Timings | None = None) -> float:
-        """MUSIQ on the padded uint8 image (patches in numpy, exactly pyiqa's tensor)."""
+        """MUSIQ on the padded uint8 image at its own resolution (patches in numpy, exactly pyiqa's tensor),
+        any token count on ONNX Runtime and OpenVINO; checked before any patch is extracted."""
         if not self.engines.has("musiq"):
             raise InputError("this engine directory has no MUSIQ graph: give the score (--score S)")
-        n_max = self.manifest.musiq.n_max
-        tokens = extract_tokens(padded_u8, self.manifest.musiq.longer_side_lengths)
-        if len(tokens.mask) > n_max:
-            raise InputError(f"image too large for MUSIQ: {len(tokens.mask)} tokens, the engines serve at most "
-                             f"{n_max}; rebuild with a larger --musiq-n-max or downscale the input")
+        limits = self.manifest.musiq
+        h, w = padded_u8.shape[:2]
+        self.check_musiq_fits(token_count(h, w, limits.patch_size, limits.longer_side_lengths), h * w)
+        tokens = extract_tokens(padded_u8, limits.longer_side_lengths)
         (score,) = self.engines.run("musiq", batch_feeds([tokens]), timings.engine if timings else None)
         return float(score[0])
+
+    def check_musiq_fits(self, tokens: int, pixels: int) -> None:
+        """TensorRT plans serve the token counts of their profile (up to the directory's `musiq.n_max`); the
+        other backends take any count that fits in the memory this process can still allocate."""
+        if self.engines.backend == "trt":
+            if tokens > self.manifest.musiq.n_max:
+                raise InputError(
+                    f"image too large for the MUSIQ TensorRT plan: {tokens} tokens, its profile serves at most "
+                    f"{self.manifest.musiq.n_max}; give the score (--score S), use the ort-cpu or openvino backend "
+                    "(no token limit), or rebuild with a larger `adaptbir-export build --musiq-n-max` and its plans")
+            return
+        need, available = musiq_bytes(tokens, pixels, self.manifest.hyperparameters["musiq"]), available_bytes()
+        if available is not None and need > available:
+            raise InputError(f"MUSIQ on this image needs about {need / GiB:.1f} GiB ({tokens} tokens; attention "
+                             f"grows with their square), {available / GiB:.1f} GiB are available; give the score "
+                             "(--score S) or downscale the input")
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         """The gating rule, overrides, and the honest degradation of a checkpoint without a part."""

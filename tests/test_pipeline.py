@@ -13,6 +13,7 @@ from PIL import Image
 from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.errors import EngineError, InputError
 from adaptbir.runtime.metrics import psnr
+from adaptbir.runtime.musiq_patches import token_count
 from adaptbir.runtime.pipeline import Pipeline
 from adaptbir.runtime.stages import Stages
 
@@ -213,3 +214,38 @@ def test_readme_api_snippet_runs_as_written(tiny_engines, tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     exec(compile(snippet.replace("steps=50", "steps=2"), "README.md", "exec"), {})
     assert Image.open(tmp_path / "restored.png").size == (512, 600)
+
+
+def test_musiq_scores_beyond_the_tensorrt_token_limit_as_pyiqa_does(pipeline, reference):
+    """ONNX Runtime takes any token count: a 2112x2112 photo (4549 tokens, above the directory's n_max of a
+    2048x2048 image) is scored exactly as pyiqa's own MUSIQ scores it (same tiny random weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from adaptbir.export.config import load_config
+    from adaptbir.export.musiq import MusiqScorer
+
+    photo = _photo(2112, 2112)
+    assert token_count(2112, 2112) > pipeline.manifest.musiq.n_max
+    scorer = MusiqScorer(load_config("tiny").musiq).eval()
+    scorer.net.load_state_dict(load_file(reference / "musiq_random.safetensors"), strict=True)
+    with torch.inference_mode():
+        expected = float(scorer.net(torch.from_numpy(photo.transpose(2, 0, 1)[None].copy()).float() / 255))
+    assert abs(pipeline.score(photo) - expected) <= 1e-5, (pipeline.score(photo), expected)
+
+
+def test_musiq_limits_are_clear_errors_before_any_patch_is_extracted(pipeline, monkeypatch):
+    import adaptbir.runtime.stages as stages
+
+    extracted = []
+    monkeypatch.setattr(stages, "extract_tokens", lambda *a: extracted.append(a))
+    photo = np.zeros((2112, 2112, 3), np.uint8)
+    monkeypatch.setattr(pipeline.engines, "backend", "trt")
+    with pytest.raises(InputError, match=r"4549 tokens, its profile serves at most 4289; give the score"):
+        pipeline.score(photo)
+    monkeypatch.setattr(pipeline.engines, "backend", "ort-cpu")
+    monkeypatch.setattr(stages, "available_bytes", lambda: 2**30)
+    with pytest.raises(InputError, match=r"MUSIQ on this image needs about 1\.[0-9] GiB \(4549 tokens.*1\.0 GiB are "
+                                         r"available; give the score"):
+        pipeline.score(photo)
+    assert not extracted
