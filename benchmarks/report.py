@@ -91,7 +91,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
         axes[1].set_xticks(range(len(sides)), sides)
         axes[1].set_ylabel("s (median)")
         axes[1].set_title(f"end to end, {report['settings']['steps']} steps")
-    fig.suptitle(f"{report['settings']['name']} — {report['settings']['size']}, {report['machine']['threads']} threads")
+    settings = report["settings"]
+    fig.suptitle(f"{settings['name']} — {settings['size']} (H×W), {report['machine']['threads']} threads")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
