@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
 
     photo = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     image = read_image(photo)
-    print(f"2/3 restore {photo.name} ({describe_size(*image.rgb.shape[:2])}), {args.steps} steps, ort-cpu")
+    print(f"2/3 restore {photo.name}, {describe_size(*image.rgb.shape[:2])}, {args.steps} steps, ort-cpu")
     pipeline = Pipeline.from_engines(ENGINES, threads=args.threads)
     shown = BatchProgress(1)
     progress = shown.image(photo.name)
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     out = result.image
     write_image(target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif)
     (OUT / "grace_hopper.json").write_text(json.dumps({**result.record(), **pipeline.describe()}, indent=1))
-    print(f"    wrote {target} ({describe_size(*out.rgb.shape[:2])}), record in {OUT / 'grace_hopper.json'}")
+    print(f"    wrote {target}, {describe_size(*out.rgb.shape[:2])}, record in {OUT / 'grace_hopper.json'}")
     print(f"    MUSIQ score {result.score:.3f} -> class {result.label}, k = {result.k}, w = {result.w:.3f}")
 
     print("3/3 timings (one run, not a benchmark: see adaptbir-bench)")
