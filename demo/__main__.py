@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         f"meaningless score near 0 ({result.score:.2f}; often negative), hence the severe class (k = 0, w = 0)."
         "\nFor real restorations build engines from the "
         "checkpoints:\n  adaptbir-export build --checkpoint adaptbir_stage3.ckpt --musiq musiq_koniq_ckpt-e95806b9.pth"
-        " --preset sd21 --precision fp16 --out engines/sd21-fp16\n  adaptbir restore photo.jpg -o restored/ "
-        "--engines engines/sd21-fp16"
+        " --preset sd21 --out engines/sd21\n  adaptbir restore photo.jpg -o restored/ --engines engines/sd21 "
+        "--backend openvino\n(fp32 engines for CPUs, OpenVINO computing in bf16 where the CPU has it; fp16 for GPUs)"
     )
 
 
