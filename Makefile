@@ -13,7 +13,7 @@ install: $(STAMP)
 # pyiqa is installed --no-deps, since its declared dependencies include transformers, datasets, bitsandbytes...
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"  # PEP 639 license; the packaging test builds with it
 	$(PY) -m pip install --quiet -e '.[export,openvino,test]'
 	$(PY) -m pip install --quiet --no-deps pyiqa==0.1.16
 	$(PY) tools/prune_pyiqa.py
