@@ -25,9 +25,8 @@ from adaptbir.runtime.sizes import describe_size, size_argument
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0].replace("`", ""))
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = DefaultsHelp
 
-    build = sub.add_parser("build", help="export the ONNX engine directory", formatter_class=defaults)
+    build = sub.add_parser("build", help="export the ONNX engine directory", formatter_class=DefaultsHelp)
     source = build.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", type=Path, help="AdaptBIR stage-3 checkpoint, or an SD 2.1-base one")
     source.add_argument("--random-weights", action="store_true", help="seeded random weights (tests, demos)")
@@ -46,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="build even when the predicted peak memory exceeds the available memory")
 
     trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)",
-                         formatter_class=defaults)
+                         formatter_class=DefaultsHelp)
     trt.add_argument("--engines", type=Path, required=True, help="engine directory to add the plans to")
     trt.add_argument("--shape", help="one image size HxW (multiple of 64), e.g. 512x512")
     trt.add_argument("--min", dest="min_shape", help="smallest image HxW of the profile")
@@ -56,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     trt.add_argument("--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace limit")
 
     check = sub.add_parser("check", help="run every graph on several backends with the same inputs and compare",
-                           formatter_class=defaults)
+                           formatter_class=DefaultsHelp)
     check.add_argument("--engines", type=Path, required=True, help="engine directory to check")
     check.add_argument("--backends", help=f"comma-separated, the first is the baseline ({', '.join(BACKENDS)}; "
                                           "default: ort-cpu and every other backend available here)")

@@ -36,8 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir", description="AdaptBIR blind image restoration runtime")
     parser.add_argument("--version", action="version", version=f"adaptbir {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    defaults = DefaultsHelp
-    r = sub.add_parser("restore", help="restore image files or directories", formatter_class=defaults,
+    r = sub.add_parser("restore", help="restore image files or directories", formatter_class=DefaultsHelp,
                        description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
                        "reported and the batch goes on (exit 1), usage errors exit 2, Ctrl-C exits 130.")
     r.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories (recursive)")

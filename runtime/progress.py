@@ -49,7 +49,7 @@ class BatchProgress:
 
     def image(self, name: str) -> ImageProgress:
         self.index += 1
-        return ImageProgress(self, f"[{self.index}/{self.total}] {name}")
+        return ImageProgress(self, name, f"[{self.index}/{self.total}] {name}")
 
     def write(self, line: str) -> None:
         """A whole line (an error, a warning), never mixed into a bar."""
@@ -70,8 +70,8 @@ class BatchProgress:
 class ImageProgress:
     """Hooks for one image: `stage(name, tiles)` as each stage begins, `step(i, n)` after each step."""
 
-    def __init__(self, batch: BatchProgress, label: str):
-        self.batch, self.label = batch, label
+    def __init__(self, batch: BatchProgress, name: str, label: str):
+        self.batch, self.name, self.label = batch, name, label
         self._steps = None
         self._times = [time.perf_counter()]
         self._started = time.perf_counter()
@@ -83,7 +83,7 @@ class ImageProgress:
         if self.batch.mode == "lines":
             self.batch.write(f"{self.label}: {text}")
         elif self.batch.mode == "bars":
-            self.batch.images_bar.set_postfix_str(f"{self.label.split('] ', 1)[1]}: {text}")
+            self.batch.images_bar.set_postfix_str(f"{self.name}: {text}")
             if stage == "sample":
                 self._open_steps()
 

@@ -16,16 +16,17 @@ sys.modules["torch"] = None
 import numpy as np
 from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.memory import musiq_bytes, peak_rss_bytes, rss_bytes
-from adaptbir.runtime.musiq_patches import batch_feeds, extract_tokens
+from adaptbir.runtime.musiq_patches import token_count
 from adaptbir.runtime.sizes import describe_size, parse_size
+from adaptbir.runtime.stages import Stages
 h, w = parse_size(sys.argv[2], multiple=1)
-engines = Engines.load(sys.argv[1])
+stages = Stages(Engines.load(sys.argv[1]))
 photo = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
 before = rss_bytes()
-tokens = extract_tokens(photo, engines.manifest.musiq.longer_side_lengths)
-engines.run("musiq", batch_feeds([tokens]))
-n = len(tokens.mask)
-predicted = musiq_bytes(n, h * w, engines.manifest.hyperparameters["musiq"])
+stages.score(photo)
+limits = stages.manifest.musiq
+n = token_count(h, w, limits.patch_size, limits.longer_side_lengths)
+predicted = musiq_bytes(n, h * w, stages.manifest.hyperparameters["musiq"])
 print(f"{describe_size(h, w):>20}  N = {n:>6}  measured {(peak_rss_bytes() - before) / 2**20:8.0f} MiB  "
       f"predicted {predicted / 2**20:8.0f} MiB")
 """
