@@ -26,16 +26,31 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2).reshape(b * self.heads, n, -1)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
-        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
-        # Logits in float32 whatever the module dtype, as the reference forces: SD 2.x overflows in fp16.
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """softmax(q·kᵀ·scale)·v on [batch, tokens, dims]. Logits in float32 whatever the module dtype, as the
+        reference forces: SD 2.x overflows in fp16."""
         f32 = torch.float32
         logits = torch.bmm(cast(q, f32), cast(k, f32).transpose(1, 2)) * self.scale
-        out = torch.bmm(cast(logits.softmax(dim=-1), v.dtype), v)
+        return torch.bmm(cast(logits.softmax(dim=-1), v.dtype), v)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if context is None:
+            return self.to_out(self._self_attention(x))
+        q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
+        out = self._attend(q, k, v)
         bh, n, d = out.shape
         out = out.reshape(bh // self.heads, self.heads, n, d).transpose(1, 2)
         return self.to_out(out.reshape(-1, n, self.heads * d))
+
+    def _self_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """One head at a time: the [tokens, tokens] scores of a single head are the largest tensor alive, not
+        those of every head at once (5 heads × 12,288² × 4 B = 3 GB for SD 2.1 at 1024×768). The same
+        arithmetic per head as the batched form; the heads' outputs side by side are its [B, N, heads·d]."""
+        q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
+        d = q.shape[-1] // self.heads
+        heads = [self._attend(q[..., i * d:(i + 1) * d], k[..., i * d:(i + 1) * d], v[..., i * d:(i + 1) * d])
+                 for i in range(self.heads)]
+        return torch.cat(heads, dim=-1)
 
 
 class GEGLU(nn.Module):

@@ -111,10 +111,20 @@ def tool_versions() -> dict[str, str]:
     }
 
 
-def source_key(component: Component, precision: str, tools: dict[str, str]) -> str:
-    """Hash of everything that determines the graph file: description, precision, tools, weights."""
+def export_code_digest() -> str:
+    """sha256 of this package's sources: a change in how a graph is written (say, its attention) must not
+    reuse a graph exported by the previous code, whatever the version number says."""
     digest = hashlib.sha256()
-    meta = {
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def source_key(component: Component, precision: str, tools: dict[str, str]) -> str:
+    """Hash of everything that determines the graph file: description, precision, tools, export code, weights."""
+    digest = hashlib.sha256()
+    meta = {"code": export_code_digest(),
         "inputs": [t.to_dict() for t in component.spec.inputs],
         "outputs": [t.to_dict() for t in component.spec.outputs],
         "precision": precision, "opset": OPSET, "fp32_ops": FP32_OP_TYPES, "tools": tools,
@@ -215,6 +225,7 @@ def _export_graph(component: Component, out: Path, precision: str, key: str,
         component.spec.file, external, component.spec.inputs, component.spec.outputs, graph_precision, fp32_ops,
         parity["sample"].to_dict(), key,
         {**full_size.to_dict(), "image": list(FULL_SIZE_IMAGE)} if full_size else None,
+        component.attention_heads_at_once,
     )
 
 

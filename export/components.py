@@ -34,6 +34,7 @@ class Component:
     full_size_sample: tuple[torch.Tensor, ...] | None = None  # batch 1 at FULL_SIZE_IMAGE (fp16 check)
     fp16_allowed: bool = True  # MUSIQ stays fp32 everywhere so the gates do not flip on precision
     reference: nn.Module | None = None  # what parity compares against, when the exported module is rewritten
+    attention_heads_at_once: int | None = None  # recorded in the manifest for the runtime's memory model
 
     @property
     def tolerance(self) -> Tolerance:
@@ -80,7 +81,8 @@ def components(model: AdaptBIR, context: torch.Tensor, seed: int = 0) -> list[Co
     out = [
         Component(graphs.DUAL_ENCODER, DualEncoderGraph(model), tuple(encoders), *samples("dual_encoder")),
         Component(graphs.UNET.resolved(C=model.config.context_dim), UNetGraph(model),
-                  (model.unet, model.controlnet, vae.post_quant_conv), *samples("unet")),
+                  (model.unet, model.controlnet, vae.post_quant_conv), *samples("unet"),
+                  attention_heads_at_once=1),  # self-attention one head at a time (export/attention.py)
         Component(graphs.DECODER, DecoderGraph(model), (vae.decoder, vae.post_quant_conv), *samples("decoder")),
     ]
     if model.musiq is not None:

@@ -77,9 +77,8 @@ class LoadedImage:
 # --------------------------------------------------------------------------------------------- reading
 
 
-def read_image(path: str | Path) -> LoadedImage:
-    """Decode an image file to 8-bit RGB (+ alpha), orientation applied; any problem is an InputError."""
-    path = Path(path)
+def _open_file(path: Path) -> BinaryIO:
+    """The file opened for reading, not empty; any problem is an InputError naming it."""
     name = str(path)
     try:
         fh = path.open("rb")
@@ -89,10 +88,27 @@ def read_image(path: str | Path) -> LoadedImage:
         raise InputError(f"{name}: is a directory, expected an image file") from None
     except OSError as err:
         raise InputError(f"{name}: cannot open the file ({err.strerror or err}); check its permissions") from None
+    if os.fstat(fh.fileno()).st_size == 0:
+        fh.close()
+        raise InputError(f"{name}: the file is empty (0 bytes); expected an image such as PNG, JPEG or WebP")
+    return fh
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(height, width) as `read_image` returns the image (orientation applied), from its header only."""
+    path = Path(path)
+    with _open_file(path) as fh:
+        im = _open(fh, str(path))
+        width, height = im.size
+        return (width, height) if _orientation(im) in (5, 6, 7, 8) else (height, width)
+
+
+def read_image(path: str | Path) -> LoadedImage:
+    """Decode an image file to 8-bit RGB (+ alpha), orientation applied; any problem is an InputError."""
+    path = Path(path)
+    name = str(path)
     # We own the file handle, so it is closed even when Pillow gives up half-way through open().
-    with fh:
-        if os.fstat(fh.fileno()).st_size == 0:
-            raise InputError(f"{name}: the file is empty (0 bytes); expected an image such as PNG, JPEG or WebP")
+    with _open_file(path) as fh:
         im = _open(fh, name)
         png16 = _png16_rawmode(im)
         try:

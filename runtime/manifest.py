@@ -151,6 +151,9 @@ class GraphEntry:
     parity: dict[str, Any]
     source_key: str
     parity_full_size: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
+    # How many heads' [N, N] attention scores the graph holds at once (the memory model's input); None:
+    # every head (directories written before the UNet's self-attention went one head at a time).
+    attention_heads_at_once: int | None = field(default=None, metadata=OPTIONAL)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GraphEntry:

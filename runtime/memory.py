@@ -93,3 +93,54 @@ def musiq_bytes(tokens: int, pixels: int, musiq: dict) -> int:
     patches = 3 * tokens * 3 * musiq["patch_size"] ** 2 * 4
     activations = 8 * tokens * (musiq["hidden_size"] + musiq["mlp_dim"]) * 4
     return attention + patches + activations + 2 * pixels * 3 * 4
+
+
+# ------------------------------------------------------------------------------------- one restore
+#
+# A restore's peak is the process (interpreter and libraries), the weights as the backend holds them, and the
+# largest stage: MUSIQ, the dual encoder, one UNet-with-controls call, or the decoder, each on the whole image
+# or on one tile. ONNX Runtime's shared arena keeps its largest call's blocks for the next, so the peak is the
+# largest stage, not their sum. The factors were fitted on measured peaks (benchmarks/README.md, "Restore
+# memory"; `python tools/restore_memory.py`).
+
+PROCESS_BYTES = 130 * 2**20  # python, numpy, Pillow, ONNX Runtime, before any session
+WEIGHT_FACTOR = {  # resident bytes per graph-file byte, by backend and compute precision
+    ("ort-cpu", "fp32"): 1.05,
+    ("ort-cpu", "fp16"): 3.5,  # no fp16 kernels on the CPU: every weight becomes fp32 at load
+    ("openvino", "f32"): 2.0,  # the read model and the compiled one
+    ("openvino", "bf16"): 2.0,
+}
+ATTENTION_COPIES = 3  # logits, scaled logits and softmax of the heads computed at once
+UNET_ACTIVATIONS = 40  # float32 values alive per level-0 token and channel (GEGLU, skips, ControlNet outputs)
+VAE_ACTIVATIONS = 12  # float32 values alive per full-resolution pixel and channel (resblocks, conv buffers)
+IMAGE_BYTES_PER_PIXEL = 80  # the padded image, its float copies, blend buffers, the decoded image, the output
+
+
+def weights_bytes(graph_bytes: int, backend: str, precision: str) -> int:
+    """What the backend holds for `graph_bytes` of graph files (TensorRT: on the device, so none here)."""
+    if backend in ("trt", "ort-trt", "ort-cuda"):
+        return 0
+    return int(graph_bytes * WEIGHT_FACTOR.get((backend, precision), 1.05))
+
+
+def attention_bytes(tokens: int, heads_at_once: int) -> int:
+    return ATTENTION_COPIES * heads_at_once * tokens**2 * 4
+
+
+def unet_call_bytes(unet: dict, lat_h: int, lat_w: int, heads_at_once: int | None) -> int:
+    """One UNet-with-controls call on a [1,4,lat_h,lat_w] latent: the level-0 activations of the UNet and its
+    ControlNet, and the level-0 self-attention (if the UNet has one) — `heads_at_once` heads' [N, N] scores,
+    N = lat_h·lat_w; None = every head (graphs exported before attention went one head at a time)."""
+    tokens, channels = lat_h * lat_w, unet["model_channels"] * unet["channel_mult"][0]
+    heads = channels // unet["num_head_channels"] if heads_at_once is None else heads_at_once
+    attention = attention_bytes(tokens, heads) if 1 in unet["attention_resolutions"] else 0
+    return attention + UNET_ACTIVATIONS * tokens * channels * 4
+
+
+def vae_call_bytes(vae: dict, lat_h: int, lat_w: int, level: int) -> int:
+    """One encoder or decoder call: full-resolution activations at the channels of `level` (the encoder's
+    first level; the decoder upsamples its second level's channels to full resolution) and the mid-block's
+    single-head attention at latent resolution."""
+    channels = vae["ch"] * vae["ch_mult"][min(level, len(vae["ch_mult"]) - 1)]
+    pixels = 64 * lat_h * lat_w
+    return VAE_ACTIVATIONS * pixels * channels * 4 + attention_bytes(lat_h * lat_w, 1)

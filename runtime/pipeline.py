@@ -26,11 +26,11 @@ from .arguments import check_arguments
 from .backends import Engines
 from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
+from .plan import RestorePlan
 from .preprocess import Geometry, finish, from_model_range, plan_geometry, prepare, to_model_range
 from .stages import LatentResult, Progress, StageHook, Stages, Timings
-from .tiling import TILE_ABOVE_PIXELS
 
-__all__ = ["LatentResult", "Pipeline", "Progress", "Result", "StageHook", "Timings"]
+__all__ = ["LatentResult", "Pipeline", "Progress", "RestorePlan", "Result", "StageHook", "Timings"]
 
 
 @dataclass
@@ -45,31 +45,39 @@ class Result:
     steps: int
     timings: dict[str, float]
     sizes: dict[str, list[int]]
-    tiled: bool
+    plan: RestorePlan  # how it ran: tiled or not and why, the predicted peak
     warnings: list[str] = field(default_factory=list)
     backend: str = "ort-cpu"
     precision: str = "fp32"  # what the UNet, encoders and decoder computed in (MUSIQ: always fp32)
 
+    @property
+    def tiled(self) -> bool:
+        return self.plan.tiled
+
     def record(self) -> dict[str, Any]:
         return {"score": self.score, "score_source": self.score_source, "class": self.label, "k": self.k,
                 "w": self.w, "seed": self.seed, "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled,
+                "tiling": self.plan.reason, "predicted_peak_gib": round(self.plan.peak_bytes / 2**30, 2),
                 "timings": self.timings, "warnings": self.warnings, "backend": self.backend,
                 "compute_precision": self.precision}
 
 
 class Pipeline:
-    def __init__(self, engines: Engines, tile_above_pixels: int = TILE_ABOVE_PIXELS,
-                 context: np.ndarray | None = None):
-        """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts)."""
-        self.stages = Stages(engines, context, tile_above_pixels)
+    def __init__(self, engines: Engines, context: np.ndarray | None = None, memory_budget: int | None = None):
+        """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts).
+        `memory_budget` (bytes) decides tiling: untiled, the reference's result, whenever its predicted peak
+        fits (default: 85 % of what the process holds plus what it can still allocate, `runtime/plan.py`)."""
+        self.stages = Stages(engines, context, memory_budget)
         self.engines = engines
         self.manifest = engines.manifest
 
     @classmethod
     def from_engines(cls, path: str | Path, backend: str = "ort-cpu", threads: int | None = None,
-                     verify: bool = True, precision: str | None = None) -> Pipeline:
+                     verify: bool = True, precision: str | None = None, memory_budget: int | None = None
+                     ) -> Pipeline:
         """`precision`: OpenVINO's inference precision, bf16 or f32 (default: bf16 where the CPU has it)."""
-        return cls(Engines.load(path, backend=backend, threads=threads, verify=verify, precision=precision))
+        engines = Engines.load(path, backend=backend, threads=threads, verify=verify, precision=precision)
+        return cls(engines, memory_budget=memory_budget)
 
     @property
     def identity(self) -> str:
@@ -78,6 +86,16 @@ class Pipeline:
     def score(self, image_u8: np.ndarray) -> float:
         """MUSIQ score of a uint8 HxWx3 image, as the pipeline measures it (on the padded image)."""
         return self.stages.score(image_u8)
+
+    def plan(self, size: tuple[int, int], *, sr_scale: float = 1.0, resize_back: bool = True,
+             tile_size: int | None = None, score: float | None = None, memory_budget: int | None = None
+             ) -> RestorePlan:
+        """How `restore` would run an image of `size` (height, width) with these options, before anything
+        runs: processing size, MUSIQ tokens, tiled or not and why, predicted peak memory (InputError when
+        not even tiles fit the budget)."""
+        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size)
+        geometry = plan_geometry(*size, sr_scale=sr_scale, resize_back=resize_back)
+        return self.stages.plan(geometry, tile_size, score is not None, memory_budget)
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         check_arguments(score=score, k=k, w=w)
@@ -101,11 +119,13 @@ class Pipeline:
     def restore(self, image: np.ndarray | Image.Image | LoadedImage, *, seed: int | None = None, steps: int = 50,
                 score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
                 resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,
-                progress: Progress | None = None, on_stage: StageHook | None = None) -> Result:
+                progress: Progress | None = None, on_stage: StageHook | None = None,
+                memory_budget: int | None = None) -> Result:
         """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
 
         `progress(i, n)` follows the sampling steps (raise to cancel); `on_stage(name, tiles)` is called as
-        each stage begins (musiq, encode, sample, decode) with the number of tiles it runs on.
+        each stage begins (musiq, encode, sample, decode) with the number of tiles it runs on. Tiling follows
+        `plan` (the same arguments give the same plan); `Result.plan` says what was decided and why.
 
         Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
         notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
@@ -116,6 +136,7 @@ class Pipeline:
         seed = secrets.randbits(63) if seed is None else int(seed)
         with timings.stage("preprocess"):
             geometry = plan_geometry(*loaded.rgb.shape[:2], sr_scale=sr_scale, resize_back=resize_back)
+            plan = self.stages.plan(geometry, tile_size, score is not None, memory_budget)  # before any engine
             padded = prepare(loaded.rgb, geometry, sr_scale)
         measured = None
         if score is None:
@@ -125,7 +146,7 @@ class Pipeline:
                 measured = self.stages.score(padded, timings)
         decision = self.stages.decide(measured if score is None else float(score), k, w)
         latent = self.stages.run(to_model_range(padded), decision, steps=steps, seed=seed, color_fix=color_fix,
-                                 tile_size=tile_size, progress=progress, timings=timings, on_stage=on_stage)
+                                 tile_size=plan.tile_px or 0, progress=progress, timings=timings, on_stage=on_stage)
         with timings.stage("postprocess"):
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)
@@ -134,7 +155,7 @@ class Pipeline:
             notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
         source = "given" if measured is None else "measured"
         return Result(out, decision.score, source, decision.label, decision.k, decision.w, seed, steps,
-                      timings.to_dict(), _sizes(geometry), latent.tiled, notes, self.engines.backend,
+                      timings.to_dict(), _sizes(geometry), plan, notes, self.engines.backend,
                       self.engines.compute_precision)
 
     @staticmethod

@@ -20,9 +20,10 @@ from .errors import InputError
 from .gating import Gate, gate
 from .memory import GiB, available_bytes, musiq_bytes
 from .musiq_patches import batch_feeds, extract_tokens, token_count
-from .preprocess import to_uint8
+from .plan import RestorePlan, plan_restore
+from .preprocess import Geometry, to_uint8
 from .sampler import NoiseSource, Schedule, sample
-from .tiling import LATENT_TILE, TILE_ABOVE_PIXELS, Tile, blend, tiles
+from .tiling import Tile, blend, tiles
 
 Progress = Callable[[int, int], None]  # after sampling step i of n; raising cancels the restore
 StageHook = Callable[[str, int], None]  # a stage ("musiq", "encode", "sample", "decode") begins, on N tiles
@@ -58,19 +59,23 @@ class LatentResult:
     gate: Gate
     seed: int | None
     steps: int
-    tiled: bool
+    plan: RestorePlan
+
+    @property
+    def tiled(self) -> bool:
+        return self.plan.tiled
 
 
 class Stages:
-    def __init__(self, engines: Engines, context: np.ndarray | None = None,
-                 tile_above_pixels: int = TILE_ABOVE_PIXELS):
-        """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts)."""
+    def __init__(self, engines: Engines, context: np.ndarray | None = None, memory_budget: int | None = None):
+        """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts);
+        `memory_budget` (bytes) decides tiling (default: `plan.default_budget()` at each call)."""
         self.engines = engines
         self.manifest = engines.manifest
         self.capabilities = self.manifest.capabilities
         context = self.manifest.load_context() if context is None else context
         self.context = np.ascontiguousarray(context, dtype=np.float32)
-        self.tile_above_pixels = tile_above_pixels
+        self.memory_budget = memory_budget
 
     # ------------------------------------------------------------------------- 3. score and gate
 
@@ -169,14 +174,15 @@ class Stages:
             return [Tile(0, 0, lat_h, lat_w)]
         return tiles(lat_h, lat_w, tile, tile // 2)  # 512 px tiles overlap by 256 px
 
-    def tile_plan(self, padded: tuple[int, int], tile_size: int | None) -> int | None:
-        """Latent tile size to use, or None for one untiled pass. `tile_size` in pixels: None = automatic
-        (512 px tiles above the pixel threshold), 0 = never tile; otherwise tiles only if the image is larger."""
-        if tile_size is None:
-            return LATENT_TILE if padded[0] * padded[1] > self.tile_above_pixels else None
-        if tile_size == 0:
-            return None
-        return tile_size // 8 if max(padded) > tile_size else None
+    def plan(self, geometry: Geometry, tile_size: int | None = None, score_given: bool = False,
+             memory_budget: int | None = None) -> RestorePlan:
+        """How a restore of these sizes will run on these engines (`runtime/plan.py`): tiled or not and why,
+        the predicted peak. `tile_size` in pixels: None = untiled when it fits the memory budget, 0 = never
+        tile, else tiles of that size when the image is larger. Raises InputError when nothing fits."""
+        budget = self.memory_budget if memory_budget is None else memory_budget
+        return plan_restore(self.manifest, geometry, backend=self.engines.backend,
+                            precision=self.engines.compute_precision, tile_size=tile_size, score_given=score_given,
+                            memory_budget=budget)
 
     # ------------------------------------------------------------------------------- 4 to 6
 
@@ -193,8 +199,10 @@ class Stages:
             raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
         if seed is None and (x_T is None or noise is None):
             raise InputError("give a seed, or both x_T and noise")
-        tile = self.tile_plan(x.shape[2:], tile_size)
-        tiles = len(self.grid(x.shape[2] // 8, x.shape[3] // 8, tile))
+        padded = tuple(x.shape[2:])
+        plan = self.plan(Geometry(padded, padded, padded, padded), tile_size, score_given=True)
+        tile = plan.tile_px // 8 if plan.tiled else None
+        tiles = plan.tiles
         begin = on_stage or (lambda stage, tiles: None)
         begin("encode", tiles)
         with timings.stage("encode"):
@@ -212,4 +220,4 @@ class Stages:
             decoded = self.decode(latent, tile, timings)
             if color_fix != "none":
                 decoded = apply_color_fix(decoded, self.decode(cond, tile, timings), color_fix)
-        return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, tile is not None)
+        return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -127,7 +128,8 @@ def test_one_tile_through_the_tiling_code_equals_untiled(pipeline, monkeypatch):
     untiled = pipeline.restore(photo, seed=1, steps=2, score=60, tile_size=0)
     grids = []
     grid = Stages.grid
-    monkeypatch.setattr(Stages, "tile_plan", lambda self, padded, tile_size: 64)  # 64 latent = 512 px
+    plan = Stages.plan
+    monkeypatch.setattr(Stages, "plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), tile_px=512, tiles=1))
     monkeypatch.setattr(Stages, "grid", staticmethod(lambda h, w, t: grids.append(grid(h, w, t)) or grids[-1]))
     tiled = pipeline.restore(photo, seed=1, steps=2, score=60)
     assert tiled.tiled and not untiled.tiled
