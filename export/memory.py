@@ -56,12 +56,12 @@ def _bytes(module: torch.nn.Module | None) -> int:
     return 0 if module is None else sum(t.numel() * 4 for t in (*module.parameters(), *module.buffers()))
 
 
-def _attention_bytes(config: ModelConfig, graph: str, sample: tuple[torch.Tensor, ...]) -> int:
+def _attention_bytes(sample: tuple[torch.Tensor, ...]) -> int:
     """The attention score tensors torch holds at once on `sample` (its first input is the latent): the
-    UNet's first level (h·w tokens, one score matrix per head) or the VAE decoder's mid-block (one head)."""
+    UNet's first level (h·w tokens; its self-attention runs one head at a time) or the VAE decoder's
+    mid-block (one head)."""
     batch, _, h, w = sample[0].shape
-    heads = max(config.unet.model_channels // config.unet.num_head_channels, 1) if graph == "unet" else 1
-    return ATTENTION_COPIES * batch * heads * (h * w) ** 2 * 4
+    return ATTENTION_COPIES * batch * (h * w) ** 2 * 4
 
 
 def predict_build_memory(config: ModelConfig, precision: str, capabilities: Capabilities | None = None
@@ -80,7 +80,7 @@ def predict_build_memory(config: ModelConfig, precision: str, capabilities: Capa
         export = INLINE_EXPORT_COPIES * size if size < PROTOBUF_LIMIT else STREAM_OVERHEAD
         phases[f"tracing {component.name}"] = held + int(export)
         if component.name in ("unet", "decoder"):
-            activations = max(_attention_bytes(config, component.name, sample)
+            activations = max(_attention_bytes(sample)
                               for sample in component.check_samples(graph_precision).values())
             phases[f"torch reference of {component.name}"] = held + activations
         held -= sum(_bytes(p) for p in component.parts_to_free(comps[i + 1:]))

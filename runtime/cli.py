@@ -1,6 +1,7 @@
 """`adaptbir`: restore images with an engine directory, or describe one.
 
     adaptbir restore photo.jpg scans/ -o restored/ --engines engines/sd21-fp16 [--steps 50] [--seed 0]
+    adaptbir plan photo.jpg scans/ --engines engines/sd21-fp16
     adaptbir info engines/sd21-fp16
 
 A batch continues past an image that fails, reports it, and exits non-zero. Outputs are written
@@ -43,19 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
                    help="output folder (created; folders keep their layout inside it)")
     r.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
-    r.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
-                   help="ort-cpu, openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
-    r.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
-                   help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
+    _planning_options(r)
     r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
     r.add_argument("--steps", type=int, default=50, help="sampling steps (2..1000)")
     r.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
-    r.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
     r.add_argument("--k", type=float, help="override the latent interpolation weight k")
     r.add_argument("--w", type=float, help="override the CSFT strength w")
-    r.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale (0.125..16)")
-    r.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
-    r.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; default auto)")
     r.add_argument("--color-fix", default="none", choices=("none", "adain", "wavelet"),
                    help="match the colours of the input's reconstruction")
     r.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format")
@@ -64,10 +58,33 @@ def _parser() -> argparse.ArgumentParser:
                    help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
     r.add_argument("--report", type=Path, help="append one JSON record per image to this JSONL file")
     r.add_argument("--quiet", action="store_true", help="no progress, only errors and the summary")
+    p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
+                       formatter_class=DefaultsHelp,
+                       description="For each image (its header only): processing size, MUSIQ tokens, tiled or "
+                       "untiled and why, and the predicted peak memory against the budget. Nothing runs.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or directories (recursive)")
+    p.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
+    _planning_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
     i = sub.add_parser("info", help="print an engine directory's manifest as a table")
     i.add_argument("engines", type=Path, help="engine directory (adaptbir-export build)")
     i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
     return parser
+
+
+def _planning_options(parser: argparse.ArgumentParser) -> None:
+    """The options that decide how an image runs: shared by `restore` and `plan`, so a plan is the restore's."""
+    parser.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
+                        help="ort-cpu, openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
+    parser.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                        help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
+    parser.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
+    parser.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale (0.125..16)")
+    parser.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
+    parser.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; default: "
+                        "untiled whenever the predicted peak fits the memory budget, else 512 px tiles)")
+    parser.add_argument("--memory-budget", type=_bytes_argument, metavar="SIZE",
+                        help="memory a restore may use, e.g. 12G (default: 85%% of what the process can reach)")
 
 
 @dataclass(frozen=True)
@@ -158,6 +175,44 @@ def _writes_complete():
         raise KeyboardInterrupt
 
 
+def _bytes_argument(text: str) -> int:
+    from .plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ArgumentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _plan(args) -> int:
+    """`adaptbir plan`: the manifest and each image's header only; no engine is loaded."""
+    from .backends import openvino_core, openvino_precision
+    from .image_io import image_size
+    from .manifest import load_manifest
+    from .plan import plan_restore
+    from .preprocess import plan_geometry
+
+    check_arguments(score=args.score, sr_scale=args.sr_scale, tile_size=args.tile_size)
+    manifest = load_manifest(args.engines, verify=False)
+    precision = openvino_precision(openvino_core(), args.cpu_precision) if args.backend == "openvino" else None
+    paths = [p for item in args.inputs for p in (
+        sorted(f for f in item.rglob("*") if f.suffix.lower() in READ_SUFFIXES and f.is_file())
+        if item.is_dir() else [item])]
+    failed = 0
+    for path in paths:
+        try:
+            geometry = plan_geometry(*image_size(path), sr_scale=args.sr_scale, resize_back=not args.no_resize_back)
+            plan = plan_restore(manifest, geometry, backend=args.backend, precision=precision,
+                                tile_size=args.tile_size, score_given=args.score is not None,
+                                memory_budget=args.memory_budget)
+            print(json.dumps({"input": str(path), **plan.record()}) if args.json else f"{path}: {plan.summary()}")
+        except AdaptBIRError as err:
+            failed += 1
+            message = _without_path(err, path)
+            print(json.dumps({"input": str(path), "error": message}) if args.json else f"{path}: error: {message}")
+    return 1 if failed else 0
+
+
 def _restore(args) -> int:
     from .pipeline import Pipeline
 
@@ -171,7 +226,7 @@ def _restore(args) -> int:
     jobs, problems = plan_jobs(args.inputs, args.out, args.format, args.on_exists)
     _check_report(args.report, jobs)
     pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
-                                     precision=args.cpu_precision)
+                                     precision=args.cpu_precision, memory_budget=args.memory_budget)
     failures = list(problems)
     done = skipped = 0
     shown = BatchProgress(len(jobs), quiet=args.quiet)
@@ -291,7 +346,7 @@ def describe_manifest(m: Manifest) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"restore": _restore, "info": _info}[args.command](args)
+        return {"restore": _restore, "plan": _plan, "info": _info}[args.command](args)
     except AdaptBIRError as err:
         print(f"adaptbir: error: {err}", file=sys.stderr)
         return 2

@@ -82,14 +82,16 @@ def available_bytes() -> int | None:
     return min(candidates) if candidates else None
 
 
+MUSIQ_ATTENTION_COPIES = 4
+
+
 def musiq_bytes(tokens: int, pixels: int, musiq: dict) -> int:
     """Predicted peak of one MUSIQ call on an image of `pixels` pixels giving N tokens, beyond what the
-    process held before: five [heads, N, N] float32 attention tensors alive at once (logits, mask, softmax
+    process held before: four [heads, N, N] float32 attention tensors alive at once (logits, mask, softmax
     and ONNX Runtime's copies; one layer at a time), the patch tensor (N × 3·patch² float32) three times,
     per-token activations, and the image as float32 twice (scaled, resized). Fitted to measured peaks of
-    the tiny MUSIQ (4 heads): N = 6115 measured 3.17 GiB, predicted 3.15; N = 11,943 measured 9.4 GiB,
-    predicted 11.4 (an overestimate: it guards against an out-of-memory kill)."""
-    attention = 5 * musiq["num_heads"] * tokens**2 * 4
+    the tiny MUSIQ (4 heads; `tools/musiq_memory.py`, `tools/restore_memory.py`; benchmarks/README.md)."""
+    attention = MUSIQ_ATTENTION_COPIES * musiq["num_heads"] * tokens**2 * 4
     patches = 3 * tokens * 3 * musiq["patch_size"] ** 2 * 4
     activations = 8 * tokens * (musiq["hidden_size"] + musiq["mlp_dim"]) * 4
     return attention + patches + activations + 2 * pixels * 3 * 4
@@ -110,10 +112,11 @@ WEIGHT_FACTOR = {  # resident bytes per graph-file byte, by backend and compute 
     ("openvino", "f32"): 2.0,  # the read model and the compiled one
     ("openvino", "bf16"): 2.0,
 }
-ATTENTION_COPIES = 3  # logits, scaled logits and softmax of the heads computed at once
+UNET_ATTENTION_COPIES = 2.5  # [N, N] float32 tensors per head alive at once (logits, scaled, softmax; fitted)
+VAE_ATTENTION_COPIES = 2  # the VAE mid-block's (its scale is folded by ONNX Runtime)
 UNET_ACTIVATIONS = 40  # float32 values alive per level-0 token and channel (GEGLU, skips, ControlNet outputs)
-VAE_ACTIVATIONS = 12  # float32 values alive per full-resolution pixel and channel (resblocks, conv buffers)
-IMAGE_BYTES_PER_PIXEL = 80  # the padded image, its float copies, blend buffers, the decoded image, the output
+VAE_ACTIVATIONS = 4  # float32 values alive per full-resolution pixel and channel (resblocks, conv buffers)
+IMAGE_BYTES_PER_PIXEL = 48  # the padded image, its float copies, blend buffers, the decoded image (fitted)
 
 
 def weights_bytes(graph_bytes: int, backend: str, precision: str) -> int:
@@ -123,8 +126,6 @@ def weights_bytes(graph_bytes: int, backend: str, precision: str) -> int:
     return int(graph_bytes * WEIGHT_FACTOR.get((backend, precision), 1.05))
 
 
-def attention_bytes(tokens: int, heads_at_once: int) -> int:
-    return ATTENTION_COPIES * heads_at_once * tokens**2 * 4
 
 
 def unet_call_bytes(unet: dict, lat_h: int, lat_w: int, heads_at_once: int | None) -> int:
@@ -133,14 +134,13 @@ def unet_call_bytes(unet: dict, lat_h: int, lat_w: int, heads_at_once: int | Non
     N = lat_h·lat_w; None = every head (graphs exported before attention went one head at a time)."""
     tokens, channels = lat_h * lat_w, unet["model_channels"] * unet["channel_mult"][0]
     heads = channels // unet["num_head_channels"] if heads_at_once is None else heads_at_once
-    attention = attention_bytes(tokens, heads) if 1 in unet["attention_resolutions"] else 0
+    attention = UNET_ATTENTION_COPIES * heads * tokens**2 * 4 if 1 in unet["attention_resolutions"] else 0
     return attention + UNET_ACTIVATIONS * tokens * channels * 4
 
 
-def vae_call_bytes(vae: dict, lat_h: int, lat_w: int, level: int) -> int:
-    """One encoder or decoder call: full-resolution activations at the channels of `level` (the encoder's
-    first level; the decoder upsamples its second level's channels to full resolution) and the mid-block's
-    single-head attention at latent resolution."""
-    channels = vae["ch"] * vae["ch_mult"][min(level, len(vae["ch_mult"]) - 1)]
+def vae_call_bytes(vae: dict, lat_h: int, lat_w: int) -> int:
+    """One encoder or decoder call: full-resolution activations at the first level's channels and the
+    mid-block's single-head attention at latent resolution."""
+    channels = vae["ch"] * vae["ch_mult"][0]
     pixels = 64 * lat_h * lat_w
-    return VAE_ACTIVATIONS * pixels * channels * 4 + attention_bytes(lat_h * lat_w, 1)
+    return VAE_ACTIVATIONS * pixels * channels * 4 + VAE_ATTENTION_COPIES * (lat_h * lat_w) ** 2 * 4

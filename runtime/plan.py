@@ -60,7 +60,7 @@ class RestorePlan:
 
     def record(self) -> dict:
         g = self.geometry
-        return {"input": list(g.input), "processing": list(g.processing), "padded": list(g.padded),
+        return {"sizes": {"input": list(g.input), "processing": list(g.processing), "padded": list(g.padded)},
                 "musiq_tokens": self.tokens, "tiled": self.tiled, "tile_px": self.tile_px, "tiles": self.tiles,
                 "why": self.reason, "predicted_peak_gib": round(self.peak_bytes / GiB, 2),
                 "peak_stage": self.peak_stage, "stages_gib": {k: round(v / GiB, 2) for k, v in self.stages.items()},
@@ -102,9 +102,9 @@ def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: t
     held = PROCESS_BYTES + weights + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1]
     unet = manifest.graphs.get("unet")
     stages = {
-        "encode": vae_call_bytes(hp["vae"], th, tw, level=0),
+        "encode": vae_call_bytes(hp["vae"], th, tw),
         "sample": unet_call_bytes(hp["unet"], th, tw, unet.attention_heads_at_once if unet else None),
-        "decode": vae_call_bytes(hp["vae"], th, tw, level=1),
+        "decode": vae_call_bytes(hp["vae"], th, tw),
     }
     if tokens is not None:
         stages = {"musiq": musiq_bytes(tokens, padded[0] * padded[1], hp["musiq"]), **stages}

@@ -145,14 +145,17 @@ def test_musiq_chain_matches_the_golden_scores(pipeline, golden, parity, image):
     parity(f"runtime musiq chain score {image}", [pipeline.score(u8)], g[f"score_{image}"], 1e-5)
 
 
-TILED_MIN_PSNR_DB = 20.0  # measured (see README, "Tiling"); random tiny weights make noise-like pictures
+TILED_MIN_PSNR_DB = 20.0  # measured (README, "Size, memory and tiling"); random tiny weights make noisy pictures
 
 
-def test_tiled_close_to_untiled_at_1024x768(pipeline):
+def test_1024x768_untiled_by_default_and_tiled_under_a_small_budget(pipeline):
+    """The reference's untiled pass whenever it fits the memory budget; tiles under a small budget, close to it."""
     photo = _photo(768, 1024)
-    untiled = pipeline.restore(photo, seed=2, steps=2, score=60, tile_size=0)
-    tiled = pipeline.restore(photo, seed=2, steps=2, score=60, tile_size=512)
-    assert tiled.tiled and not untiled.tiled
+    untiled = pipeline.restore(photo, seed=2, steps=2, score=60)
+    tiled = pipeline.restore(photo, seed=2, steps=2, score=60, memory_budget=1024 * 2**20)
+    assert not untiled.tiled and "fits the" in untiled.record()["tiling"]
+    assert tiled.tiled and "over the 1.0 GiB memory budget" in tiled.record()["tiling"]
+    assert tiled.image.shape == untiled.image.shape == photo.shape
     db = psnr(tiled.image, untiled.image, 255.0)
     print(f"tiled vs untiled 1024x768, 2 steps: PSNR {db:.1f} dB")
     assert db >= TILED_MIN_PSNR_DB
@@ -180,11 +183,12 @@ assert sys.modules["torch"] is None
     assert (tmp_path / "out" / "in.png").is_file()
 
 
-LARGE_PEAK_RSS_MIB = 2048  # measured ~1.55 GiB with the shared arena (README, "Tiling"); untiled: ~40 GB
+LARGE_PEAK_RSS_MIB = 2048  # measured ~1.1 GiB (README, "Size, memory and tiling"); untiled: ~28 GiB
 
 
 def test_2048x1536_restores_tiled_within_a_memory_bound(tiny_engines):
-    """A fresh torch-free process restores a 2048x1536 photo tiled; its peak RSS stays under the bound."""
+    """A fresh torch-free process restores a 2048x1536 photo tiled (its untiled pass would need ~28 GiB, over
+    a 4 GiB budget); its peak RSS stays under the bound and within ±25 % of the plan's prediction."""
     code = f"""
 import sys
 sys.modules["torch"] = None
@@ -192,17 +196,18 @@ import numpy as np
 from adaptbir.benchmarks.probe import peak_rss_mib
 from adaptbir.runtime.pipeline import Pipeline
 from adaptbir.runtime.stages import Stages
-p = Pipeline.from_engines({str(tiny_engines)!r})
+p = Pipeline.from_engines({str(tiny_engines)!r}, memory_budget=4 * 2**30)
 image = (np.random.default_rng(0).random((1536, 2048, 3)) * 255).astype(np.uint8)
 r = p.restore(image, seed=0, steps=2)
 assert r.tiled and r.image.shape == (1536, 2048, 3), (r.tiled, r.image.shape)
-print(peak_rss_mib())
+print(peak_rss_mib(), r.plan.peak_bytes / 2**20)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    peak_mib = float(result.stdout.strip().splitlines()[-1])
-    print(f"2048x1536 tiled, 2 steps: peak RSS {peak_mib:.0f} MiB")
+    peak_mib, predicted_mib = map(float, result.stdout.strip().splitlines()[-1].split())
+    print(f"2048x1536 tiled, 2 steps: peak RSS {peak_mib:.0f} MiB, predicted {predicted_mib:.0f} MiB")
     assert peak_mib < LARGE_PEAK_RSS_MIB
+    assert abs(predicted_mib / peak_mib - 1) <= 0.25
 
 
 def test_readme_api_snippet_runs_as_written(tiny_engines, tmp_path, monkeypatch):

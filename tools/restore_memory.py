@@ -1,4 +1,4 @@
-"""Measured against predicted peak memory of one whole restore (`runtime.plan`), torch-free.
+"""Measured against predicted peak memory of one whole restore (`runtime/plan.py`), torch-free.
 
     python tools/restore_memory.py engines/tiny-random 512x512 1024x768 [--steps 1] [--tile-size 0]
 
@@ -24,10 +24,9 @@ h, w = parse_size(size, multiple=1)
 pipeline = Pipeline.from_engines(engines, backend=backend)
 loaded = rss_bytes()
 photo = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
-from adaptbir.runtime.plan import plan_restore
-plan = plan_restore(pipeline.manifest, (h, w), backend=backend, precision=pipeline.engines.compute_precision, tile_size=tile)
 start = time.perf_counter()
 result = pipeline.restore(photo, seed=0, steps=steps, tile_size=tile)
+plan = result.plan
 MiB = 2**20
 print(f"{describe_size(h, w):>22}  tiled {str(result.tiled):5}  loaded {loaded / MiB:7.0f} MiB  "
       f"peak {peak_rss_bytes() / MiB:7.0f} MiB  predicted {plan.peak_bytes / MiB:7.0f} MiB "
