@@ -12,7 +12,7 @@ from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.cli import main
 from adaptbir.runtime.errors import ArgumentError, InputError
 from adaptbir.runtime.manifest import load_manifest
-from adaptbir.runtime.memory import GiB
+from adaptbir.runtime.memory import UNET_ATTENTION_COPIES, GiB
 from adaptbir.runtime.pipeline import Pipeline
 from adaptbir.runtime.plan import parse_bytes, plan_restore
 from adaptbir.runtime.preprocess import plan_geometry
@@ -56,7 +56,7 @@ def test_the_attention_term_follows_the_manifest(manifest):
     new_sample = _plan(manifest, 768, 1024, tile_size=0).stages["sample"]
     old_sample = _plan(old, 768, 1024, tile_size=0).stages["sample"]
     tokens = 96 * 128
-    assert old_sample - new_sample == 3 * (4 - 1) * tokens**2 * 4  # tiny: 4 heads at level 0, 3 copies
+    assert old_sample - new_sample == UNET_ATTENTION_COPIES * (4 - 1) * tokens**2 * 4  # tiny: 4 heads at level 0
 
 
 def test_too_large_fails_before_any_engine_runs(tiny_engines, monkeypatch):
