@@ -50,6 +50,19 @@ def tiny_engines(reference, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def micro_engines(tmp_path_factory) -> Path:
+    """A smaller model than tiny (8 channels, no level-0 attention; tests/micro_config.json), random weights:
+    for tests of the plumbing around the engines (CLI, reports, policies, API kinds), where what the model
+    computes does not matter and a restore takes 0.6 s instead of tiny's 3.9 s. Numbers are tiny's."""
+    from adaptbir.export.cli import main as export_main
+
+    out = tmp_path_factory.mktemp("engines") / "micro-random"
+    config = Path(__file__).with_name("micro_config.json")
+    assert export_main(["build", "--random-weights", "--config", str(config), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def musiq_feeds():
     """`musiq_feeds(u8)`: pyiqa's own patch tensor of a uint8 image (the reference), split into the graph's
     inputs."""

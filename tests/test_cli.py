@@ -26,13 +26,13 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_restore_directory_tree_with_report(tiny_engines, tmp_path, capsys):
+def test_restore_directory_tree_with_report(micro_engines, tmp_path, capsys):
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     Image.fromarray(_photo(40, 60)).save(src / "a.png")
     Image.fromarray(_photo(30, 20, 1)).save(src / "sub" / "b.jpg", quality=90)
     report = tmp_path / "report.jsonl"
-    rc = main(["restore", str(src), "-o", str(tmp_path / "out"), "--engines", str(tiny_engines), "--sr-scale", "2",
+    rc = main(["restore", str(src), "-o", str(tmp_path / "out"), "--engines", str(micro_engines), "--sr-scale", "2",
                "--report", str(report), "--seed", "5", *STEPS])
     assert rc == 0
     assert Image.open(tmp_path / "out" / "a.png").size == (120, 80)  # input × SR scale, layout kept
@@ -72,10 +72,10 @@ def _bad_inputs(folder: Path) -> dict[str, str | tuple[int, int]]:
             "rgba.png": (48, 32), "rotated.jpg": (32, 48), "bomb.png": "decompression"}
 
 
-def test_bad_inputs_fail_clearly_and_the_batch_goes_on(tiny_engines, tmp_path, capsys):
+def test_bad_inputs_fail_clearly_and_the_batch_goes_on(micro_engines, tmp_path, capsys):
     expected = _bad_inputs(tmp_path / "in")
     out, report = tmp_path / "out", tmp_path / "r.jsonl"
-    rc = main(["restore", str(tmp_path / "in"), "-o", str(out), "--engines", str(tiny_engines), "--score", "50",
+    rc = main(["restore", str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--score", "50",
                "--report", str(report), *STEPS])
     err = capsys.readouterr().err
     assert rc == 1
@@ -99,10 +99,10 @@ def test_bad_inputs_fail_clearly_and_the_batch_goes_on(tiny_engines, tmp_path, c
     assert "failed 5 of 11" in err
 
 
-def test_engine_directory_errors_are_one_line(tiny_engines, tmp_path, capsys):
+def test_engine_directory_errors_are_one_line(micro_engines, tmp_path, capsys):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
     broken = tmp_path / "engines" / "broken"
-    shutil.copytree(tiny_engines, broken)
+    shutil.copytree(micro_engines, broken)
     assert main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines",
                  str(tmp_path / "missing"), *STEPS]) == 2
     err = capsys.readouterr().err.strip()
@@ -113,12 +113,12 @@ def test_engine_directory_errors_are_one_line(tiny_engines, tmp_path, capsys):
     assert err.count("\n") == 0 and "musiq.onnx does not match its recorded sha256" in err
 
 
-def test_on_exists_policies_and_inputs_never_overwritten(tiny_engines, tmp_path):
+def test_on_exists_policies_and_inputs_never_overwritten(micro_engines, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.fromarray(_photo(24, 24)).save(folder / "a.png")
     original = (folder / "a.png").read_bytes()
-    common = ["--engines", str(tiny_engines), "--score", "50", "--seed", "1", *STEPS]
+    common = ["--engines", str(micro_engines), "--score", "50", "--seed", "1", *STEPS]
     assert main(["restore", str(folder / "a.png"), "-o", str(folder), *common]) == 0  # OUTDIR == input folder
     assert (folder / "a.png").read_bytes() == original and (folder / "a-1.png").is_file()
     out = tmp_path / "out"
@@ -132,24 +132,25 @@ def test_on_exists_policies_and_inputs_never_overwritten(tiny_engines, tmp_path)
     assert sorted(p.name for p in out.iterdir()) == ["a-1.png", "a.png"]
 
 
-def test_formats_and_options(tiny_engines, tmp_path):
+def test_formats_and_options(micro_engines, tmp_path):
     Image.fromarray(_photo(64, 64)).save(tmp_path / "a.png")
     out = tmp_path / "out"
-    assert main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--engines", str(tiny_engines), "--score", "75",
+    assert main(["restore", str(tmp_path / "a.png"), "-o", str(out), "--engines", str(micro_engines), "--score", "75",
                  "--format", "webp", "--quality", "80", "--no-resize-back", "--color-fix", "wavelet", *STEPS]) == 0
     image = Image.open(out / "a.webp")
     assert image.format == "WEBP" and image.size == (512, 512)
 
 
-def test_unknown_backend_is_a_usage_error(tiny_engines, tmp_path, capsys):
+def test_unknown_backend_is_a_usage_error(micro_engines, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
-        main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines), "--backend", "cuda"])
+        main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(micro_engines),
+              "--backend", "cuda"])
     assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_unavailable_backend_is_one_line(tiny_engines, tmp_path, capsys):
+def test_unavailable_backend_is_one_line(micro_engines, tmp_path, capsys):
     Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
-    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines", str(tiny_engines),
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines", str(micro_engines),
                "--backend", "ort-cuda", *STEPS])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "onnxruntime-gpu" in err
@@ -162,11 +163,11 @@ def test_info_prints_the_manifest(tiny_engines, capsys):
         assert fragment in printed, fragment
 
 
-def test_progress_without_a_terminal_is_plain_lines_per_stage(tiny_engines, tmp_path, capsys):
+def test_progress_without_a_terminal_is_plain_lines_per_stage(micro_engines, tmp_path, capsys):
     """stderr is not a terminal here (captured): one line per stage, tiles counted, steps with a rate and an
     ETA once the first (warm-up) step is behind, no carriage returns; --quiet prints none of it."""
     Image.fromarray(_photo(64, 64)).save(tmp_path / "a.png")
-    args = ["restore", str(tmp_path / "a.png"), "--engines", str(tiny_engines), "--steps", "3", "--tile-size", "256"]
+    args = ["restore", str(tmp_path / "a.png"), "--engines", str(micro_engines), "--steps", "3", "--tile-size", "256"]
     assert main([*args, "-o", str(tmp_path / "o")]) == 0
     err = capsys.readouterr().err
     assert "\r" not in err

@@ -26,6 +26,12 @@ def pipeline(tiny_engines):
     return Pipeline.from_engines(tiny_engines, threads=2)
 
 
+@pytest.fixture(scope="module")
+def quick(micro_engines):
+    """For what the API does around the engines (kinds, sizes, seeds, threads, progress): the micro model."""
+    return Pipeline.from_engines(micro_engines, threads=2)
+
+
 def _photo(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A smooth synthetic photo (gradients + a few discs), uint8 HxWx3."""
     rng = np.random.default_rng(seed)
@@ -62,23 +68,23 @@ def test_end_to_end_golden(pipeline, golden, parity, backend):
     assert diff.max() <= 1 and np.count_nonzero(diff) <= 0.001 * diff.size, (diff.max(), np.count_nonzero(diff))
 
 
-def test_restore_returns_the_input_kind_and_size(pipeline):
+def test_restore_returns_the_input_kind_and_size(quick):
     photo = _photo(70, 90)
-    result = pipeline.restore(photo, seed=3, steps=2)
+    result = quick.restore(photo, seed=3, steps=2)
     assert isinstance(result.image, np.ndarray) and result.image.shape == (70, 90, 3)
     assert result.seed == 3 and result.steps == 2 and result.label in ("severe", "medium", "mild")
     assert result.sizes == {"input": [70, 90], "processing": [512, 659], "padded": [512, 704], "output": [70, 90]}
     stages = ("preprocess", "musiq", "encode", "sample", "decode", "postprocess", "total", "engine")
     assert all(result.timings[f"{stage}_s"] >= 0 for stage in stages)
     rgba = np.dstack([photo, np.full(photo.shape[:2], 77, np.uint8)])
-    out = pipeline.restore(rgba, seed=3, steps=2, score=55).image
+    out = quick.restore(rgba, seed=3, steps=2, score=55).image
     assert out.shape == (70, 90, 4) and np.all(out[..., 3] == 77)
-    pil = pipeline.restore(Image.fromarray(photo), seed=3, steps=2, score=55, sr_scale=2).image
+    pil = quick.restore(Image.fromarray(photo), seed=3, steps=2, score=55, sr_scale=2).image
     assert isinstance(pil, Image.Image) and pil.size == (180, 140)
 
 
-def test_same_seed_same_result_and_threads_agree(pipeline, threads_agree):
-    threads_agree(pipeline, [_photo(64, 64, seed=s) for s in range(3)])
+def test_same_seed_same_result_and_threads_agree(quick, threads_agree):
+    threads_agree(quick, [_photo(64, 64, seed=s) for s in range(3)])
 
 
 def test_gating_and_overrides(pipeline):
@@ -94,9 +100,9 @@ def test_gating_and_overrides(pipeline):
     assert (custom.k, custom.w, custom.label) == (0.3, 0.9, "medium")
 
 
-def test_progress_is_called_per_step_and_may_cancel(pipeline):
+def test_progress_is_called_per_step_and_may_cancel(quick):
     calls = []
-    pipeline.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=lambda i, n: calls.append((i, n)))
+    quick.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
     class Cancelled(Exception):
@@ -106,14 +112,14 @@ def test_progress_is_called_per_step_and_may_cancel(pipeline):
         raise Cancelled
 
     with pytest.raises(Cancelled):
-        pipeline.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=cancel)
+        quick.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=cancel)
 
 
-def test_nan_output_is_a_clear_error(pipeline, monkeypatch):
-    session = pipeline.engines.sessions["decoder"]
+def test_nan_output_is_a_clear_error(quick, monkeypatch):
+    session = quick.engines.sessions["decoder"]
     monkeypatch.setattr(session, "run", lambda feeds: [np.full((1, 3, 512, 512), np.nan, np.float32)])
     with pytest.raises(EngineError, match=r"decoder produced .* NaN/inf .* fp16 overflow"):
-        pipeline.restore(_photo(64, 64), seed=0, steps=2, score=50)
+        quick.restore(_photo(64, 64), seed=0, steps=2, score=50)
 
 
 def test_absurd_sizes_are_refused(pipeline):
@@ -161,7 +167,7 @@ def test_1024x768_untiled_by_default_and_tiled_under_a_small_budget(pipeline):
     assert db >= TILED_MIN_PSNR_DB
 
 
-def test_runtime_imports_no_torch(tiny_engines, tmp_path):
+def test_runtime_imports_no_torch(micro_engines, tmp_path):
     """A fresh interpreter where torch cannot be imported restores an image through the API and the CLI."""
     Image.fromarray(_photo(40, 60)).save(tmp_path / "in.png")
     code = f"""
@@ -170,11 +176,11 @@ sys.modules["torch"] = None  # any `import torch` now raises ImportError
 import numpy as np
 from adaptbir.runtime import backends, cli, colorfix, gating, graphs, image_io, manifest, musiq_patches
 from adaptbir.runtime import pipeline, preprocess, sampler, tiling
-p = pipeline.Pipeline.from_engines({str(tiny_engines)!r})
+p = pipeline.Pipeline.from_engines({str(micro_engines)!r})
 out = p.restore(np.zeros((40, 60, 3), np.uint8), seed=0, steps=2).image
 assert out.shape == (40, 60, 3)
 rc = cli.main(["restore", {str(tmp_path / "in.png")!r}, "-o", {str(tmp_path / "out")!r}, "--engines",
-               {str(tiny_engines)!r}, "--steps", "2", "--quiet"])
+               {str(micro_engines)!r}, "--steps", "2", "--quiet"])
 assert rc == 0, rc
 assert sys.modules["torch"] is None
 """

@@ -33,9 +33,9 @@ STEPS = ["--steps", "2", "--quiet"]
 
 
 @pytest.fixture
-def copied(tiny_engines, tmp_path) -> Path:
+def copied(micro_engines, tmp_path) -> Path:
     out = tmp_path / "engines"
-    shutil.copytree(tiny_engines, out)
+    shutil.copytree(micro_engines, out)
     return out
 
 
@@ -221,8 +221,8 @@ def test_written_manifest_is_validated(copied):
 
 
 @pytest.fixture(scope="module")
-def pipeline(tiny_engines):
-    return Pipeline.from_engines(tiny_engines, threads=2)
+def pipeline(micro_engines):
+    return Pipeline.from_engines(micro_engines, threads=2)
 
 
 @pytest.mark.parametrize("options,message", [
@@ -278,8 +278,8 @@ def _photo(path: Path, value: int = 100) -> Path:
     return path
 
 
-def _run(tiny_engines, inputs, out, *extra) -> int:
-    return cli.main(["restore", *map(str, inputs), "-o", str(out), "--engines", str(tiny_engines), "--score", "50",
+def _run(micro_engines, inputs, out, *extra) -> int:
+    return cli.main(["restore", *map(str, inputs), "-o", str(out), "--engines", str(micro_engines), "--score", "50",
                      "--seed", "1", *STEPS, *extra])
 
 
@@ -288,41 +288,41 @@ def _records(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("names", [("x/a.png", "y/a.png"), ("b.jpg", "b.png"), ("a.png", "a.png")])
-def test_output_collisions_are_refused_before_any_work(tiny_engines, tmp_path, capsys, names):
+def test_output_collisions_are_refused_before_any_work(micro_engines, tmp_path, capsys, names):
     inputs = [_photo(tmp_path / "in" / name) for name in names]
-    rc = _run(tiny_engines, inputs, tmp_path / "out")
+    rc = _run(micro_engines, inputs, tmp_path / "out")
     err = capsys.readouterr().err
     assert rc == 2 and "several inputs would be written to the same output" in err
     assert all(str(p) in err for p in inputs) and not (tmp_path / "out").exists()
 
 
-def test_outdir_inside_an_input_folder_is_never_walked(tiny_engines, tmp_path):
+def test_outdir_inside_an_input_folder_is_never_walked(micro_engines, tmp_path):
     photos = tmp_path / "photos"
     _photo(photos / "a.png")
     out = photos / "restored"
     report = tmp_path / "r.jsonl"
-    assert _run(tiny_engines, [photos], out, "--report", str(report)) == 0
-    assert _run(tiny_engines, [photos], out, "--report", str(report)) == 0  # skip: restored/ is not an input
+    assert _run(micro_engines, [photos], out, "--report", str(report)) == 0
+    assert _run(micro_engines, [photos], out, "--report", str(report)) == 0  # skip: restored/ is not an input
     assert [r["input"] for r in _records(report)] == [str(photos / "a.png")] * 2
     assert sorted(p.name for p in out.rglob("*")) == ["a.png"]
 
 
-def test_input_folder_that_is_the_outdir_is_refused(tiny_engines, tmp_path, capsys):
+def test_input_folder_that_is_the_outdir_is_refused(micro_engines, tmp_path, capsys):
     _photo(tmp_path / "photos" / "a.png")
-    assert _run(tiny_engines, [tmp_path / "photos"], tmp_path / "photos") == 2
+    assert _run(micro_engines, [tmp_path / "photos"], tmp_path / "photos") == 2
     assert "is the output folder or inside it" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("where", ["input", "output", "image"])
-def test_report_cannot_be_an_image(tiny_engines, tmp_path, capsys, where):
+def test_report_cannot_be_an_image(micro_engines, tmp_path, capsys, where):
     source = _photo(tmp_path / "a.png").rename(tmp_path / "scan")  # an input given by name, without a suffix
     original = source.read_bytes()
     report = {"input": source, "output": tmp_path / "out" / "scan.png", "image": tmp_path / "other.jpg"}[where]
-    assert _run(tiny_engines, [source], tmp_path / "out", "--report", str(report)) == 2
+    assert _run(micro_engines, [source], tmp_path / "out", "--report", str(report)) == 2
     assert "--report" in capsys.readouterr().err and source.read_bytes() == original
 
 
-def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(tiny_engines, tmp_path, monkeypatch, capsys):
+def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(micro_engines, tmp_path, monkeypatch, capsys):
     """An ONNX Runtime error (its own exception class), an OverflowError and any other exception."""
     from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
 
@@ -339,7 +339,7 @@ def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(tiny_engines, t
     monkeypatch.setattr(Pipeline, "restore", flaky)
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "abcde"]
     report = tmp_path / "r.jsonl"
-    assert _run(tiny_engines, inputs, tmp_path / "out", "--report", str(report)) == 1
+    assert _run(micro_engines, inputs, tmp_path / "out", "--report", str(report)) == 1
     status = {Path(r["input"]).stem: (r["status"], r.get("error", "")) for r in _records(report)}
     assert status["a"][0] == status["e"][0] == "ok"
     assert status["b"] == ("failed", "RuntimeException: ORT: out of memory")
@@ -350,7 +350,7 @@ def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(tiny_engines, t
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "e.png"]
 
 
-def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(tiny_engines, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(micro_engines, tmp_path, monkeypatch, capsys):
     restore = Pipeline.restore
 
     def interrupted_at_b(self, image, **options):
@@ -361,13 +361,13 @@ def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(tiny_engines,
     monkeypatch.setattr(Pipeline, "restore", interrupted_at_b)
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "abc"]
     report = tmp_path / "r.jsonl"
-    assert _run(tiny_engines, inputs, tmp_path / "out", "--report", str(report)) == 130
+    assert _run(micro_engines, inputs, tmp_path / "out", "--report", str(report)) == 130
     assert [r["status"] for r in _records(report)] == ["ok", "interrupted"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png"]  # no temporary, no partial file
     assert "interrupted after 1" in capsys.readouterr().err
 
 
-def test_ctrl_c_during_a_write_lets_it_finish(tiny_engines, tmp_path):
+def test_ctrl_c_during_a_write_lets_it_finish(micro_engines, tmp_path):
     """SIGINT arriving while the output is written takes effect after it: the file is whole and recorded.
     Run as the CLI runs, in a fresh process (the signal goes to its main thread during the first write)."""
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "ab"]
@@ -381,7 +381,7 @@ def write_then_signal(job, out, args):
     write(job, out, args)
 cli._write_output = write_then_signal
 sys.exit(cli.main({[
-    "restore", *map(str, inputs), "-o", str(out), "--engines", str(tiny_engines), "--score", "50", "--seed", "1",
+    "restore", *map(str, inputs), "-o", str(out), "--engines", str(micro_engines), "--score", "50", "--seed", "1",
     *STEPS, "--report", str(report)]!r}))
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
