@@ -3,6 +3,7 @@
     adaptbir-bench --preset tiny --runs 5 --compare torch          # random weights built on the fly
     adaptbir-bench --preset sd21 --stages unet --size 512x512 --runs 3 --compare torch
     adaptbir-bench --engines engines/sd21-fp16 --runs 5              # an existing directory (no torch)
+    adaptbir-bench --config my_config.json --compare torch            # any hyper-parameters, random weights
 
 Warm-up runs, then N runs; each stage reports median, min and max. With `--compare torch` the same weights
 run through the torch modules (eager, same thread count) behind the same pipeline code, alternating with
@@ -43,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--engines", type=Path, help="an existing engine directory")
     source.add_argument("--preset", choices=("tiny", "sd21"), help="random weights of this preset, built on the fly")
+    source.add_argument("--config", type=Path,
+                        help="random weights of this hyper-parameter file (as adaptbir-export build --config)")
     source.add_argument("--checkpoint", type=Path, help="build engines from this checkpoint (sd21 hyper-parameters)")
     p.add_argument("--musiq", type=Path, help="MUSIQ weights with --checkpoint")
     p.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="of engines built on the fly")
@@ -72,15 +75,15 @@ def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tup
     precision = precision or args.precision
     if args.engines:
         if args.compare:
-            raise AdaptBIRError(f"--compare {args.compare} needs --preset or --checkpoint: an engine directory holds "
-                                "no torch weights")
+            raise AdaptBIRError(f"--compare {args.compare} needs --preset, --config or --checkpoint: "
+                                "an engine directory holds no torch weights")
         return args.engines, None
     from adaptbir.export.build import WeightSource, build
     from adaptbir.export.config import load_config
 
-    if args.preset:
-        config, source = load_config(args.preset), WeightSource(random_seed=0)
-        name = f"bench-{args.preset}-random-{precision}"
+    if args.preset or args.config:
+        config, source = load_config(args.preset, args.config), WeightSource(random_seed=0)
+        name = f"bench-{config.name}-random-{precision}"
     else:
         config, source = load_config("sd21"), WeightSource(args.checkpoint, musiq=args.musiq)
         name = f"bench-{args.checkpoint.stem}-{precision}"

@@ -1,4 +1,5 @@
-"""adaptbir-bench on the tiny preset: every stage, the torch ratios and the overhead are reported.
+"""adaptbir-bench on the micro model (tests/micro_config.json, `--config`): every stage, the torch ratios and
+the overhead are reported.
 
 No timing thresholds here: benchmarks measure, tests check that the measurement is complete."""
 
@@ -7,10 +8,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from adaptbir.benchmarks.stages import STAGES
+
+MICRO = Path(__file__).with_name("micro_config.json")
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +24,11 @@ def workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("bench")
 
 
-def test_bench_tiny_with_torch_comparison(workdir, tmp_path):
+def test_bench_with_torch_comparison(workdir, tmp_path):
     result_file = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--compare", "torch",
-           "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256", "--peak-sizes", "512"]
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--config", str(MICRO), "--runs", "1",
+           "--compare", "torch", "--json", str(result_file), "--warmup", "0", "--steps", "2", "--size", "256x256",
+           "--peak-sizes", "512"]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result_file.read_text())
@@ -45,7 +50,7 @@ def test_bench_tiny_with_torch_comparison(workdir, tmp_path):
 
 def test_bench_fp16_accuracy_report(workdir, tmp_path):
     result_file = tmp_path / "fp16.json"
-    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--config", str(MICRO), "--runs", "1", "--warmup", "0",
            "--compare", "fp16", "--stages", "unet_step", "--steps", "2", "--size", "256x256", "--no-memory",
            "--json", str(result_file)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
@@ -66,7 +71,7 @@ def test_bench_fp16_accuracy_report(workdir, tmp_path):
 
 def test_bench_openvino_against_ort_cpu(workdir, tmp_path):
     result_file = tmp_path / "ov.json"
-    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--preset", "tiny", "--runs", "1", "--warmup", "0",
+    cmd = [sys.executable, "-m", "adaptbir.benchmarks.bench", "--config", str(MICRO), "--runs", "1", "--warmup", "0",
            "--compare", "openvino", "--cpu-precision", "bf16", "--stages", "unet_step", "--steps", "2",
            "--size", "256x256", "--json", str(result_file)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=workdir)
