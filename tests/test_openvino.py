@@ -114,14 +114,16 @@ def test_compiled_models_are_cached_per_user_and_reused(tiny_engines, tmp_path, 
     assert sorted(p.name for p in tiny_engines.iterdir()) == sorted(p.name for p in before)
 
 
-def test_several_shapes_and_threads(bf16, threads_agree):
-    pipeline = Pipeline(bf16)
+def test_several_shapes_and_threads(micro_engines, threads_agree):
+    """Compiled models per shape and one infer request per call: plumbing, so on the micro model."""
+    engines = Engines.load(micro_engines, backend="openvino", threads=2, precision="bf16")
+    pipeline = Pipeline(engines)
     photo = (np.random.default_rng(1).random((600, 520, 3)) * 255).astype(np.uint8)
     tiled = pipeline.restore(photo, seed=1, steps=2, score=50, tile_size=512)  # tiles of several shapes
     assert tiled.tiled and tiled.image.shape == photo.shape
-    sessions = bf16.sessions["unet"]
-    assert 1 < len(sessions._compiled) <= sessions.MAX_SHAPES
     threads_agree(pipeline, [photo[: 64 + 32 * i, :96] for i in range(3)])  # one infer request per call
+    sessions = engines.sessions["unet"]  # latents 64x64 (the tiles), 64x96, 88x64: one compiled model each
+    assert 1 < len(sessions._compiled) <= sessions.MAX_SHAPES
 
 
 def test_precision_errors_are_one_line(tiny_engines, monkeypatch):
