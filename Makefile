@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptbir-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo test test-ray test-slow lint clean
 
 install: $(STAMP)
 
@@ -14,7 +14,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip "setuptools>=77"  # PEP 639 license; the packaging test builds with it
-	$(PY) -m pip install --quiet -e '.[export,openvino,test]'
+	$(PY) -m pip install --quiet -e '.[export,openvino,ray,test]'
 	$(PY) -m pip install --quiet --no-deps pyiqa==0.1.16
 	$(PY) tools/prune_pyiqa.py
 	touch $(STAMP)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 
 test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-ray: $(STAMP)  # a local Ray cluster (loopback): adaptbir-ray against the single-process CLI
+	$(PY) -m pytest -m ray $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

@@ -40,6 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("restore", help="restore image files or directories", formatter_class=DefaultsHelp,
                        description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
                        "reported and the batch goes on (exit 1), usage errors exit 2, Ctrl-C exits 130.")
+    restore_arguments(r)
+    p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
+                       formatter_class=DefaultsHelp,
+                       description="For each image (its header only): processing size, MUSIQ tokens, tiled or "
+                       "untiled and why, and the predicted peak memory against the budget. Nothing runs.")
+    p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or directories (recursive)")
+    p.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
+    _planning_options(p)
+    p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
+    i = sub.add_parser("info", help="print an engine directory's manifest as a table")
+    i.add_argument("engines", type=Path, help="engine directory (adaptbir-export build)")
+    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
+    return parser
+
+
+def restore_arguments(r: argparse.ArgumentParser) -> None:
+    """The arguments of `adaptbir restore`, shared with `adaptbir-ray restore` (one CLI, two engines)."""
     r.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories (recursive)")
     r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
                    help="output folder (created; folders keep their layout inside it)")
@@ -58,18 +75,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
     r.add_argument("--report", type=Path, help="append one JSON record per image to this JSONL file")
     r.add_argument("--quiet", action="store_true", help="no progress, only errors and the summary")
-    p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
-                       formatter_class=DefaultsHelp,
-                       description="For each image (its header only): processing size, MUSIQ tokens, tiled or "
-                       "untiled and why, and the predicted peak memory against the budget. Nothing runs.")
-    p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or directories (recursive)")
-    p.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
-    _planning_options(p)
-    p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
-    i = sub.add_parser("info", help="print an engine directory's manifest as a table")
-    i.add_argument("engines", type=Path, help="engine directory (adaptbir-export build)")
-    i.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every file")
-    return parser
 
 
 def _planning_options(parser: argparse.ArgumentParser) -> None:
@@ -208,15 +213,14 @@ def _plan(args) -> int:
             print(json.dumps({"input": str(path), **plan.record()}) if args.json else f"{path}: {plan.summary()}")
         except AdaptBIRError as err:
             failed += 1
-            message = _without_path(err, path)
+            message = without_path(err, path)
             print(json.dumps({"input": str(path), "error": message}) if args.json else f"{path}: error: {message}")
     return 1 if failed else 0
 
 
-def _restore(args) -> int:
-    from .pipeline import Pipeline
-
-    # Usage errors first, all before the engines load and before any image is touched (exit 2).
+def check_restore_arguments(args) -> tuple[list[Job], list[str]]:
+    """Usage errors first, all before the engines load and before any image is touched (exit 2); then
+    where every input lands (`plan_jobs`)."""
     check_arguments(steps=args.steps, seed=args.seed, score=args.score, k=args.k, w=args.w,
                     sr_scale=args.sr_scale, color_fix=args.color_fix, tile_size=args.tile_size)
     if not 0 <= args.quality <= 100:
@@ -225,6 +229,14 @@ def _restore(args) -> int:
         raise ArgumentError(f"--threads must be at least 1, not {args.threads}")
     jobs, problems = plan_jobs(args.inputs, args.out, args.format, args.on_exists)
     _check_report(args.report, jobs)
+    return jobs, problems
+
+
+def _restore(args) -> int:
+    from .image_io import read_image
+    from .pipeline import Pipeline
+
+    jobs, problems = check_restore_arguments(args)
     pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
                                      precision=args.cpu_precision, memory_budget=args.memory_budget)
     failures = list(problems)
@@ -240,9 +252,9 @@ def _restore(args) -> int:
                 skipped += 1
                 record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
             else:
-                result = _restore_image(pipeline, job, args, progress)
+                result = restore_loaded(pipeline, read_image(job.source), args, args.seed, progress)
                 with _writes_complete():
-                    _write_output(job, result.image, args)
+                    write_output(job, result.image, args)
                     done += 1
                     record.update(status="ok", output=str(job.target), **result.record())
                 for warning in result.warnings:
@@ -252,14 +264,14 @@ def _restore(args) -> int:
             interrupted = True
             record.setdefault("status", "interrupted")
         except Exception as err:  # any per-image failure is recorded and the batch goes on
-            message = _without_path(err, job.source)
+            message = without_path(err, job.source)
             failures.append(f"{job.source}: {message}")
             record.update(status="failed", error=message)  # the record names the input once, in "input"
             progress.finish("failed")
             shown.write(f"adaptbir: {failures[-1]}")
         record["wall_s"] = round(time.perf_counter() - started, 6)
         with _writes_complete():
-            _report(args.report, record)
+            append_report(args.report, record)
         shown.advance()
         if interrupted:
             break
@@ -272,22 +284,21 @@ def _restore(args) -> int:
     return 130 if interrupted else 1 if failures else 0
 
 
-def _without_path(err: Exception, source: Path) -> str:
+def without_path(err: Exception, source: Path) -> str:
     """The error's message without a leading `source: ` (the caller names the input once)."""
     message = str(err) if isinstance(err, (AdaptBIRError, OSError)) else f"{type(err).__name__}: {err}"
     return message.removeprefix(f"{source}: ")
 
 
-def _restore_image(pipeline, job: Job, args, progress: ImageProgress):
-    from .image_io import read_image
-
+def restore_loaded(pipeline, image, args, seed: int | None, progress: ImageProgress | None = None):
+    """One image restored with the command's options (the same call for `adaptbir-ray restore`)."""
     return pipeline.restore(
-        read_image(job.source), seed=args.seed, steps=args.steps, score=args.score, k=args.k, w=args.w,
-        sr_scale=args.sr_scale, resize_back=not args.no_resize_back, color_fix=args.color_fix,
-        tile_size=args.tile_size, progress=progress.step, on_stage=progress.stage)
+        image, seed=seed, steps=args.steps, score=args.score, k=args.k, w=args.w, sr_scale=args.sr_scale,
+        resize_back=not args.no_resize_back, color_fix=args.color_fix, tile_size=args.tile_size,
+        progress=progress.step if progress else None, on_stage=progress.stage if progress else None)
 
 
-def _write_output(job: Job, out, args) -> None:
+def write_output(job: Job, out, args) -> None:
     """Atomic: the output appears whole or not at all."""
     from .image_io import write_image
 
@@ -295,7 +306,8 @@ def _write_output(job: Job, out, args) -> None:
                 fmt=args.format, quality=args.quality)
 
 
-def _report(path: Path | None, record: dict[str, Any]) -> None:
+def append_report(path: Path | None, record: dict[str, Any]) -> None:
+    """One JSON line, flushed to disk before the next image (a crash loses no finished record)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)

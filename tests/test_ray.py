@@ -1,0 +1,59 @@
+"""`adaptbir-ray restore` on a local Ray cluster (loopback only), micro engines: outputs bit-identical to
+`adaptbir restore`, bad images reported while the job goes on, a re-run skips everything finished."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.ray
+
+OPTIONS = ["--steps", "2", "--seed", "7", "--threads", "1", "--quiet"]  # ORT's last bits follow its thread count
+
+
+def _collection(folder: Path) -> int:
+    """Ten good photos (two in a subfolder, one RGBA) and two bad files; returns the good count."""
+    rng = np.random.default_rng(0)
+    (folder / "sub").mkdir(parents=True)
+    for i in range(8):
+        Image.fromarray((rng.random((40 + 4 * i, 56, 3)) * 255).astype(np.uint8)).save(folder / f"p{i}.png")
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(folder / "sub" / "q.jpg", quality=90)
+    Image.fromarray((rng.random((32, 40, 4)) * 255).astype(np.uint8)).save(folder / "sub" / "rgba.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    (folder / "empty.jpg").write_bytes(b"")
+    return 10
+
+
+def _ray(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "adaptbir.serve.cli", "restore", *args], capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
+    from adaptbir.runtime.cli import main as local_main
+
+    good = _collection(tmp_path / "in")
+    assert local_main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "local"), "--engines",
+                       str(micro_engines), *OPTIONS]) == 1  # the two bad files
+    out = tmp_path / "ray"
+    first = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
+    assert first.returncode == 1, first.stderr[-3000:]
+    assert f"restored {good}, skipped 0, failed 2 of 12" in first.stderr
+    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    assert sorted(r["status"] for r in records) == ["failed"] * 2 + ["ok"] * good
+    failed = {Path(r["input"]).name: r["error"] for r in records if r["status"] == "failed"}
+    assert "damaged" in failed["broken.png"] and "empty" in failed["empty.jpg"]
+    local = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png"))
+    assert local == sorted(p.relative_to(out) for p in out.rglob("*.png")) and len(local) == good
+    for relative in local:  # every output bit-identical to the single-process command's
+        assert (out / relative).read_bytes() == (tmp_path / "local" / relative).read_bytes(), relative
+    assert all(r["seed"] == 7 for r in records if r["status"] == "ok")
+
+    again = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
+    assert f"restored 0, skipped {good}, failed 2 of 12" in again.stderr, again.stderr[-3000:]
