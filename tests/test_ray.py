@@ -57,3 +57,32 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
 
     again = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
     assert f"restored 0, skipped {good}, failed 2 of 12" in again.stderr, again.stderr[-3000:]
+
+
+def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engines, tmp_path):
+    """SIGKILL the restoring actor once its first outputs are written: Ray restarts it and retries the image
+    it held; every image ends with exactly one record and one whole output."""
+    import time
+
+    good = _collection(tmp_path / "in")
+    out = tmp_path / "ray"
+    cmd = [sys.executable, "-m", "adaptbir.serve.cli", "restore", str(tmp_path / "in"), "-o", str(out), "--engines",
+           str(micro_engines), "--actors", "1", *OPTIONS]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while len(list(out.rglob("*.png"))) < 2 and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    written = len(list(out.rglob("*.png")))
+    killed = subprocess.run(["pkill", "-9", "-f", r"MapWorker\(Map\(Restorer\)"]).returncode == 0
+    _, err = job.communicate(timeout=600)
+    assert killed and written < good, (killed, written)  # killed mid-job, with images still to restore
+    assert job.returncode == 1, err[-3000:]
+    assert f"restored {good}, skipped 0, failed 2 of 12" in err
+    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    inputs = [r["input"] for r in records]
+    assert len(inputs) == len(set(inputs)) == 12  # nothing lost, nothing duplicated
+    assert sum(r["status"] == "ok" for r in records) == good
+    for r in records:
+        if r["status"] == "ok":
+            Image.open(r["output"]).load()  # whole files
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left behind
