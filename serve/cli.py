@@ -1,6 +1,7 @@
 """`adaptbir-ray`: the runtime on a Ray cluster.
 
     adaptbir-ray restore photos/ -o restored/ --engines /shared/engines/sd21 [--address auto] [--actors 8]
+    adaptbir-ray serve --engines engines/sd21 [--host 127.0.0.1 --port 8000 --replicas 2]
 
 `restore` takes every argument of `adaptbir restore` (`--threads` = threads of each actor), plus where the
 cluster is and how many restoring actors to run. Without `--address`, a local cluster is started.
@@ -9,7 +10,10 @@ cluster is and how many restoring actors to run. Without `--address`, a local cl
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import time
+from pathlib import Path
 
 from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.cli import check_restore_arguments, restore_arguments
@@ -27,12 +31,62 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
     r.add_argument("--actors", type=int, help="restoring actors (default: the cluster's CPUs / --threads)")
     r.set_defaults(threads=1)
+    v = sub.add_parser("serve", help="an HTTP service (Ray Serve): POST /restore, GET /healthz, GET /info",
+                       formatter_class=DefaultsHelp, description="Serve the engine directory over HTTP until Ctrl-C "
+                       "(see adaptbir.serve.service for the API and adaptbir.serve.client for a client).")
+    v.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--replicas", type=int, default=1, help="replicas, each loading the engines once")
+    v.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of each replica")
+    v.add_argument("--max-ongoing-requests", type=int, default=2, help="images a replica restores at once")
+    v.add_argument("--max-queued-requests", type=int, default=8, help="requests waiting; more are answered 503")
+    v.add_argument("--max-bytes", type=_bytes, default="50M", help="largest upload (413 above)")
+    v.add_argument("--max-pixels", type=int, default=64 * 2**20, help="largest image in pixels (413 above)")
+    v.add_argument("--max-steps", type=int, default=200, help="most sampling steps a request may ask (422 above)")
+    v.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
     return parser
+
+
+def _bytes(text: str) -> int:
+    from adaptbir.runtime.plan import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ArgumentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _serve(args) -> int:
+    from ray import serve
+
+    from adaptbir.runtime.manifest import load_manifest
+
+    from .service import Limits, start
+
+    for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    load_manifest(args.engines)  # a bad directory is one line here, not a replica crash loop
+    start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
+          max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+          limits=Limits(args.max_bytes, args.max_pixels, args.max_steps), address=args.address)
+    print(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        print("adaptbir-ray: stopping the service", file=sys.stderr)
+        serve.shutdown()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.actors is not None and args.actors < 1:
             raise ArgumentError(f"--actors must be at least 1, not {args.actors}")
         jobs, problems = check_restore_arguments(args)

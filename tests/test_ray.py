@@ -1,5 +1,7 @@
-"""`adaptbir-ray restore` on a local Ray cluster (loopback only), micro engines: outputs bit-identical to
-`adaptbir restore`, bad images reported while the job goes on, a re-run skips everything finished."""
+"""`adaptbir-ray` on a local Ray cluster (loopback only), micro engines. restore: outputs bit-identical to
+`adaptbir restore`, bad images reported while the job goes on, a re-run skips everything finished, a killed
+actor loses nothing. serve: concurrent requests equal the local Pipeline's results; limits and a full queue
+get their status codes and the service goes on."""
 
 from __future__ import annotations
 
@@ -86,3 +88,79 @@ def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engi
         if r["status"] == "ok":
             Image.open(r["output"]).load()  # whole files
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left behind
+
+
+@pytest.fixture(scope="module")
+def service(micro_engines):
+    """The HTTP service on a local cluster, loopback only: one replica, 2 requests at a time, 4 queued."""
+    import socket
+
+    import ray
+    from ray import serve
+
+    from adaptbir.serve.service import Limits, start
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start(micro_engines, port=port, threads=1, max_ongoing_requests=2, max_queued_requests=4,
+          limits=Limits(max_bytes=2**20, max_pixels=1024 * 1024, max_steps=10))
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _png(h: int, w: int, seed: int) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray((np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_service_answers_concurrent_requests_as_the_local_pipeline(service, micro_engines):
+    import io
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adaptbir.runtime.pipeline import Pipeline
+    from adaptbir.serve.client import restore
+
+    with urllib.request.urlopen(f"{service}/healthz", timeout=30) as r:
+        assert r.read() == b"ok"
+    with urllib.request.urlopen(f"{service}/info", timeout=30) as r:
+        assert json.loads(r.read())["engine_id"].startswith("micro-random@")
+    photos = [_png(40 + 8 * (i % 3), 56, i) for i in range(20)]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # a bounded client: within the queue, never refused
+        answers = list(pool.map(lambda i: restore(service, photos[i], seed=i, steps=2, score=50), range(20)))
+    local = Pipeline.from_engines(micro_engines, threads=1)
+    for i, (png, info) in enumerate(answers):
+        assert (info["seed"], info["steps"], info["class"]) == (str(i), "2", "medium")
+        expected = local.restore(Image.open(io.BytesIO(photos[i])).convert("RGB"), seed=i, steps=2, score=50).image
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), np.asarray(expected))
+
+
+def test_service_limits_and_back_pressure(service):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adaptbir.serve.client import ServiceError, restore
+
+    def status(image: bytes, **parameters) -> int:
+        try:
+            restore(service, image, **parameters)
+            return 200
+        except ServiceError as err:
+            return err.status
+
+    assert status(b"not an image", seed=0, steps=2, score=50) == 400
+    assert status(_png(1100, 1000, 0), seed=0, steps=2, score=50) == 413  # 1.1 Mpx > 1 Mpx
+    assert status(b"\0" * (2**20 + 1), seed=0) == 413  # checked before anything else
+    assert status(_png(40, 40, 0), seed=0) == 422  # the default 50 steps are above this service's 10
+    assert status(_png(40, 40, 0), seed=0, steps=11) == 422
+    assert status(_png(40, 40, 0), seed=0, steps=1) == 422
+    assert status(_png(40, 40, 0), seed="x") == 422
+    photo = _png(48, 48, 1)
+    with ThreadPoolExecutor(max_workers=16) as pool:  # 16 at once: 2 running + 4 queued, the rest 503 at once
+        codes = list(pool.map(lambda i: status(photo, seed=i, steps=10, score=50), range(16)))
+    assert codes.count(503) >= 1 and codes.count(200) >= 6 and set(codes) <= {200, 503}, codes
+    assert status(photo, seed=0, steps=2, score=50) == 200  # and it goes on serving
