@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray,  # Ray Serve 2.60's own pydantic fields warn at import; nothing of ours
+              pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")]
 
 OPTIONS = ["--steps", "2", "--seed", "7", "--threads", "1", "--quiet"]  # ORT's last bits follow its thread count
 
