@@ -128,7 +128,8 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
         dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                    .map(_read, num_cpus=READ_CPUS)
                    .map(Restorer, fn_constructor_kwargs={"args": args}, compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=ACTOR_CPU_SHARE * threads, max_restarts=-1, max_task_retries=-1))
+                        num_cpus=ACTOR_CPU_SHARE * threads, num_gpus=args.num_gpus_per_actor or None,
+                        max_restarts=-1, max_task_retries=-1))
         for row in dataset.iter_rows():
             record = json.loads(row["record"])
             append_report(args.report, record)

@@ -30,6 +30,8 @@ def _parser() -> argparse.ArgumentParser:
     restore_arguments(r)
     r.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
     r.add_argument("--actors", type=int, help="restoring actors (default: the cluster's CPUs / --threads)")
+    r.add_argument("--num-gpus-per-actor", type=float, default=0.0,
+                   help="GPUs each actor claims (with --backend trt/ort-cuda/ort-trt on a GPU cluster)")
     r.set_defaults(threads=1)
     v = sub.add_parser("serve", help="an HTTP service (Ray Serve): POST /restore, GET /healthz, GET /info",
                        formatter_class=DefaultsHelp, description="Serve the engine directory over HTTP until Ctrl-C "
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.actors is not None and args.actors < 1:
             raise ArgumentError(f"--actors must be at least 1, not {args.actors}")
+        if args.num_gpus_per_actor < 0:
+            raise ArgumentError(f"--num-gpus-per-actor must be ≥ 0, not {args.num_gpus_per_actor}")
         jobs, problems = check_restore_arguments(args)
         if args.report is None:  # the report is what a re-run resumes from
             args.report = args.out / "report.jsonl"

@@ -63,14 +63,15 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
 
 
 def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engines, tmp_path):
-    """SIGKILL the restoring actor once its first outputs are written: Ray restarts it and retries the image
-    it held; every image ends with exactly one record and one whole output."""
+    """SIGKILL the restoring actors once their first outputs are written: Ray restarts them and retries the
+    images they held; every image ends with exactly one record and one whole output. Also: the default pool
+    (as many actors as CPUs at 1 thread) leaves room for the read tasks on a 2-core machine."""
     import time
 
     good = _collection(tmp_path / "in")
     out = tmp_path / "ray"
     cmd = [sys.executable, "-m", "adaptbir.serve.cli", "restore", str(tmp_path / "in"), "-o", str(out), "--engines",
-           str(micro_engines), "--actors", "1", *OPTIONS]
+           str(micro_engines), *OPTIONS]  # the default pool: CPUs / threads actors (2 × 0.8 CPU on 2 cores)
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while len(list(out.rglob("*.png"))) < 2 and time.monotonic() < deadline and job.poll() is None:
