@@ -100,9 +100,7 @@ class Restorer:
 
 def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     """Run the planned jobs on the cluster of `args.address` (None: a local one); the exit status of
-    `adaptbir restore` (0 all restored, 1 some failed)."""
-    import ray
-
+    `adaptbir restore` (0 all restored, 1 some failed, 130 interrupted: what was written stays whole)."""
     from adaptbir.runtime.manifest import load_manifest
 
     engine_id = load_manifest(args.engines).identity  # a bad directory stops here, before any work
@@ -110,35 +108,47 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     items, skipped = [], 0
     for job in jobs:
         key = resume_key(job.source, args, engine_id)
-        if job.skip or (done_before.get(key) == str(job.target) and job.target.is_file()):
+        finished = done_before.get(key) == str(job.target) and job.target.is_file()
+        if job.skip or finished:
             skipped += 1
+            reason = "finished by a previous run" if finished else "output exists (--on-exists skip)"
+            append_report(args.report, {"input": str(job.source), "key": key, "status": "skipped", "reason": reason,
+                                        "output": str(job.target)})
             continue
         seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
         items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": key})
-    failures = list(problems)
-    done = 0
-    if items:
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-                 logging_level=logging.WARNING if args.quiet else logging.INFO)
-        logging.getLogger("ray.data").setLevel(logging.WARNING if args.quiet else logging.INFO)
-        threads = args.threads or 1
-        actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = not args.quiet
-        dataset = (ray.data.from_items(items, override_num_blocks=len(items))
-                   .map(_read, num_cpus=READ_CPUS)
-                   .map(Restorer, fn_constructor_kwargs={"args": args}, compute=ray.data.ActorPoolStrategy(size=actors),
-                        num_cpus=ACTOR_CPU_SHARE * threads, num_gpus=args.num_gpus_per_actor or None,
-                        max_restarts=-1, max_task_retries=-1))
-        for row in dataset.iter_rows():
-            record = json.loads(row["record"])
+    failures, done, interrupted = list(problems), 0, False
+    try:
+        for record in _run(args, items) if items else ():
             append_report(args.report, record)
             if record["status"] == "ok":
                 done += 1
             else:
                 failures.append(f"{record['input']}: {record['error']}")
-    print(f"restored {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s) "
+    except KeyboardInterrupt:  # outputs are written atomically by the actors: nothing partial is left
+        interrupted = True
+    verb = "interrupted after" if interrupted else "restored"
+    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s) "
           f"-> {args.out}", file=sys.stderr)
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return 130 if interrupted else 1 if failures else 0
+
+
+def _run(args, items: list[dict[str, Any]]):
+    """The Ray Data pipeline over `items`; yields each image's report record as it finishes."""
+    import ray
+
+    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+             logging_level=logging.WARNING if args.quiet else logging.INFO)
+    logging.getLogger("ray.data").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    threads = args.threads or 1
+    actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
+    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+    dataset = (ray.data.from_items(items, override_num_blocks=len(items))
+               .map(_read, num_cpus=READ_CPUS)
+               .map(Restorer, fn_constructor_kwargs={"args": args}, compute=ray.data.ActorPoolStrategy(size=actors),
+                    num_cpus=ACTOR_CPU_SHARE * threads, num_gpus=args.num_gpus_per_actor or None,
+                    max_restarts=-1, max_task_retries=-1))
+    for row in dataset.iter_rows():
+        yield json.loads(row["record"])

@@ -60,6 +60,8 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
 
     again = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
     assert f"restored 0, skipped {good}, failed 2 of 12" in again.stderr, again.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()][len(records):]
+    assert sum(r["status"] == "skipped" and r["reason"] == "finished by a previous run" for r in records) == good
 
 
 def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engines, tmp_path):
