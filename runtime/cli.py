@@ -28,6 +28,7 @@ from .backends import BACKENDS, CPU_PRECISIONS, backend_status
 from .errors import AdaptBIRError, ArgumentError
 from .image_io import READ_SUFFIXES
 from .manifest import Manifest
+from .plan import bytes_argument
 from .progress import BatchProgress, ImageProgress
 
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -88,7 +89,7 @@ def _planning_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
     parser.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; default: "
                         "untiled whenever the predicted peak fits the memory budget, else 512 px tiles)")
-    parser.add_argument("--memory-budget", type=_bytes_argument, metavar="SIZE",
+    parser.add_argument("--memory-budget", type=bytes_argument, metavar="SIZE",
                         help="memory a restore may use, e.g. 12G (default: 85%% of what the process can reach)")
 
 
@@ -180,15 +181,6 @@ def _writes_complete():
         raise KeyboardInterrupt
 
 
-def _bytes_argument(text: str) -> int:
-    from .plan import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except ArgumentError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _plan(args) -> int:
     """`adaptbir plan`: the manifest and each image's header only; no engine is loaded."""
     from .backends import openvino_core, openvino_precision
@@ -276,9 +268,13 @@ def _restore(args) -> int:
         if interrupted:
             break
     shown.close()
+    return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
+
+
+def finish_batch(done: int, skipped: int, failures: list[str], total: int, out: Path, interrupted: bool) -> int:
+    """The batch's summary on stderr, and its exit status: 0 all restored, 1 some failed, 130 interrupted."""
     verb = "interrupted after" if interrupted else "restored"
-    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s)"
-          f" -> {args.out}", file=sys.stderr)
+    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s) -> {out}", file=sys.stderr)
     for failure in failures:
         print(f"  failed: {failure}", file=sys.stderr)
     return 130 if interrupted else 1 if failures else 0

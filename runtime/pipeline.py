@@ -146,7 +146,7 @@ class Pipeline:
                 measured = self.stages.score(padded, timings)
         decision = self.stages.decide(measured if score is None else float(score), k, w)
         latent = self.stages.run(to_model_range(padded), decision, steps=steps, seed=seed, color_fix=color_fix,
-                                 tile_size=plan.tile_px or 0, progress=progress, timings=timings, on_stage=on_stage)
+                                 plan=plan, progress=progress, timings=timings, on_stage=on_stage)
         with timings.stage("postprocess"):
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)

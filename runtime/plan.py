@@ -9,6 +9,7 @@ still makes available.
 
 from __future__ import annotations
 
+import argparse
 import re
 from dataclasses import dataclass
 
@@ -92,6 +93,14 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * 1024**power)
 
 
+def bytes_argument(text: str) -> int:
+    """`parse_bytes` as an argparse type, so a bad size is a usage error."""
+    try:
+        return parse_bytes(text)
+    except ArgumentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: tuple[int, int],
                      tile: int | None, tokens: int | None) -> dict[str, int]:
     """Peak RSS of the process during each stage of one restore of a `padded` image, `tile` latent tiles."""
@@ -138,11 +147,11 @@ def plan_restore(manifest: Manifest, geometry: Geometry, *, backend: str = "ort-
         large = padded[0] * padded[1] > TILE_ABOVE_PIXELS
         return plan(LATENT_TILE if large else None,
                     f"{backend}: device memory is not predicted; tiles above {describe_size(768, 768)}")
-    untiled = plan(None, "")
     if budget is None:
         return plan(None, "untiled (the available memory cannot be read here)")
+    untiled = plan(None, f"its predicted peak fits the {budget / GiB:.1f} GiB memory budget")
     if untiled.peak_bytes <= budget:
-        return plan(None, f"its predicted peak fits the {budget / GiB:.1f} GiB memory budget")
+        return untiled
     tiled = plan(LATENT_TILE, f"untiled would need {untiled.peak_bytes / GiB:.1f} GiB "
                               f"({untiled.peak_stage}), over the {budget / GiB:.1f} GiB memory budget")
     if tiled.peak_bytes > budget:

@@ -188,19 +188,21 @@ class Stages:
 
     def run(self, x: np.ndarray, decision: Gate, *, steps: int, seed: int | None = None,
             x_T: np.ndarray | None = None, noise: np.ndarray | None = None, color_fix: str = "none",
-            tile_size: int | None = None, progress: Progress | None = None, timings: Timings | None = None,
-            on_stage: StageHook | None = None) -> LatentResult:
+            tile_size: int | None = None, plan: RestorePlan | None = None, progress: Progress | None = None,
+            timings: Timings | None = None, on_stage: StageHook | None = None) -> LatentResult:
         """Encode and mix, sample, decode a padded image x [1,3,H,W] in [-1,1] for a decided gate.
 
-        The noise comes from `seed` (the runtime's RNG protocol), or `x_T` [1,4,h,w] and `noise`
-        [steps,1,4,h,w] given (golden tests)."""
+        Tiling follows `plan` when the caller has one (`Pipeline.restore` plans before any engine runs),
+        else a plan of the padded size with `tile_size`. The noise comes from `seed` (the runtime's RNG
+        protocol), or `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] given (golden tests)."""
         timings = timings or Timings()
         if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % 64 or x.shape[3] % 64:
             raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
         if seed is None and (x_T is None or noise is None):
             raise InputError("give a seed, or both x_T and noise")
-        padded = tuple(x.shape[2:])
-        plan = self.plan(Geometry(padded, padded, padded, padded), tile_size, score_given=True)
+        if plan is None:
+            padded = tuple(x.shape[2:])
+            plan = self.plan(Geometry(padded, padded, padded, padded), tile_size, score_given=True)
         tile = plan.tile_px // 8 if plan.tiled else None
         tiles = plan.tiles
         begin = on_stage or (lambda stage, tiles: None)

@@ -21,12 +21,11 @@ import hashlib
 import json
 import logging
 import pickle
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from adaptbir.runtime.cli import Job, append_report, restore_loaded, without_path, write_output
+from adaptbir.runtime.cli import Job, append_report, finish_batch, restore_loaded, without_path, write_output
 
 # Options that decide an output's bytes: the resume key covers them (not --report, --quiet, --threads...).
 OUTPUT_OPTIONS = ("steps", "seed", "score", "k", "w", "sr_scale", "no_resize_back", "tile_size", "memory_budget",
@@ -127,12 +126,7 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
                 failures.append(f"{record['input']}: {record['error']}")
     except KeyboardInterrupt:  # outputs are written atomically by the actors: nothing partial is left
         interrupted = True
-    verb = "interrupted after" if interrupted else "restored"
-    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {len(jobs) + len(problems)} input(s) "
-          f"-> {args.out}", file=sys.stderr)
-    for failure in failures:
-        print(f"  failed: {failure}", file=sys.stderr)
-    return 130 if interrupted else 1 if failures else 0
+    return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
 
 
 def _run(args, items: list[dict[str, Any]]):

@@ -18,6 +18,7 @@ from pathlib import Path
 from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.cli import check_restore_arguments, restore_arguments
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
+from adaptbir.runtime.plan import bytes_argument
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,20 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of each replica")
     v.add_argument("--max-ongoing-requests", type=int, default=2, help="images a replica restores at once")
     v.add_argument("--max-queued-requests", type=int, default=8, help="requests waiting; more are answered 503")
-    v.add_argument("--max-bytes", type=_bytes, default="50M", help="largest upload (413 above)")
+    v.add_argument("--max-bytes", type=bytes_argument, default="50M", help="largest upload (413 above)")
     v.add_argument("--max-pixels", type=int, default=64 * 2**20, help="largest image in pixels (413 above)")
     v.add_argument("--max-steps", type=int, default=200, help="most sampling steps a request may ask (422 above)")
     v.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
     return parser
-
-
-def _bytes(text: str) -> int:
-    from adaptbir.runtime.plan import parse_bytes
-
-    try:
-        return parse_bytes(text)
-    except ArgumentError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _serve(args) -> int:
