@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(PY) -m adaptbir.demo
 
+# Two workers on this 2-core machine (up to 4 elsewhere), a test file per worker at a time, so module
+# fixtures are built once; session engines are built once for all workers (tests/conftest.py).
 test: $(STAMP) lint
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
 test-ray: $(STAMP)  # a local Ray cluster (loopback): adaptbir-ray against the single-process CLI
 	$(PY) -m pytest -m ray $(PYTEST_ARGS)

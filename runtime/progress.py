@@ -62,6 +62,15 @@ class BatchProgress:
         if self.images_bar is not None:
             self.images_bar.update(1)
 
+    def finished(self, name: str, outcome: str, seconds: float) -> None:
+        """An image finished elsewhere (a Ray actor): one line, or the images bar moved on."""
+        self.index += 1
+        if self.mode == "lines":
+            self.write(f"[{self.index}/{self.total}] {name}: {outcome} ({seconds:.1f} s)")
+        elif self.mode == "bars":
+            self.images_bar.set_postfix_str(f"{name}: {outcome}", refresh=False)
+        self.advance()
+
     def close(self) -> None:
         if self.images_bar is not None:
             self.images_bar.close()

@@ -5,7 +5,9 @@
 The same command as `adaptbir restore` (the same arguments, checks, job plan, restore call and atomic
 writes), run as a Ray Data pipeline: the planned jobs → read and decode (Ray tasks, a quarter CPU each) →
 restore in an actor pool (each actor loads the engine directory once; it writes its outputs atomically) →
-the driver appends one report record per image. The engine directory must be on storage every node sees.
+the driver appends one report record per image. The engine directory is on storage every node sees, or
+carried to each node once through Ray's object store with `--ship-engines` (see shipping.py). Inputs are
+read by the read tasks, not by the driver (it hashes only the images a re-run may skip).
 
 Every output is bit-identical to `adaptbir restore` with the same options, `--threads` included (ONNX
 Runtime's last bits follow its thread count; here `--threads` is each actor's): with `--seed S` every image
@@ -20,18 +22,81 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from adaptbir.runtime.cli import Job, append_report, finish_batch, restore_loaded, without_path, write_output
+from adaptbir.runtime.errors import ArgumentError
+from adaptbir.runtime.progress import BatchProgress
+
+from .shipping import EngineShipment, default_cache, ship
 
 # Options that decide an output's bytes: the resume key covers them (not --report, --quiet, --threads...).
 OUTPUT_OPTIONS = ("steps", "seed", "score", "k", "w", "sr_scale", "no_resize_back", "tile_size", "memory_budget",
                   "color_fix", "format", "quality", "backend", "cpu_precision")
 READ_CPUS = 0.25  # a read task's share of a CPU
+READ_MEMORY_SHARE = 0.1  # of a node's memory, left to read tasks when actors claim theirs
 ACTOR_CPU_SHARE = 0.8  # an actor claims this × its threads, so read tasks always find room (a 2-core laptop too)
+
+
+def pool_size(node_cpus: list[float], threads: int, actors: int | None = None) -> tuple[int, float]:
+    """Restoring actors and the CPUs each claims from Ray, so that every actor can be placed and a read task
+    still finds room: by default one actor per `threads` CPUs of the cluster, each claiming 0.8 × threads —
+    less when that would not fit (more actors than cores, more threads than a node has): a claim is a
+    scheduling share, the threads run regardless. Without room for reads, the job would wait forever."""
+    if max(node_cpus, default=0.0) <= READ_CPUS:
+        raise ArgumentError(f"the Ray cluster has no node with a CPU to spare (CPUs per node: {node_cpus})")
+
+    def placed(claim: float) -> int:  # actors that fit while one node (the best one) keeps a read's share
+        def fit(cpus: float) -> int:
+            return int(max(cpus, 0.0) / claim + 1e-9)
+
+        return sum(map(fit, node_cpus)) + max(fit(cpus - READ_CPUS) - fit(cpus) for cpus in node_cpus)
+
+    actors = actors or max(1, int(sum(node_cpus) // threads))
+    claim = ACTOR_CPU_SHARE * threads
+    if placed(claim) < actors:  # the largest claim that places them all (bisection: placed() only grows)
+        low, high = 0.0, claim
+        for _ in range(50):
+            middle = (low + high) / 2
+            low, high = (middle, high) if placed(middle) >= actors else (low, middle)
+        claim = low
+    return actors, math.floor(claim * 1e4) / 1e4  # Ray's resolution
+
+
+def actor_memory(nodes: list[tuple[float, float]], actors: int, claim: float, needed: int,
+                 budget: int | None = None) -> tuple[int, int]:
+    """(actors, bytes each) for nodes of (CPUs, Ray `memory` bytes): each actor claims its memory from Ray
+    and plans its restores (tiling) within it, so actors placed side by side on a node cannot together run
+    it out of memory — an OOM-killed actor would be restarted and its image retried forever. By default an
+    actor gets 90 % of its node's memory divided by the actors its CPUs place there (the smallest such
+    share); a `budget` (--memory-budget) is claimed as given, and fewer actors run when fewer fit.
+    `needed`: what a 512×512 restore needs (below it, no image could be restored)."""
+    per_node = [(int(cpus / claim + 1e-9) if claim else actors, memory * (1 - READ_MEMORY_SHARE))
+                for cpus, memory in nodes]  # the rest: read tasks (Ray Data starts none without memory left)
+    share = int(min((memory / count for count, memory in per_node if count), default=0))
+    each = budget or share
+    if each < needed:
+        raise ArgumentError(f"each restoring actor would get {each / 2**30:.1f} GiB of memory, but a 512×512 "
+                            f"restore needs about {needed / 2**30:.1f} GiB: run fewer actors (--actors, or more "
+                            "--threads each) or give a --memory-budget that fits")
+    fitting = sum(min(count, int(memory // each)) for count, memory in per_node)
+    return min(actors, fitting), each
+
+
+def smallest_restore_bytes(args) -> int:
+    """Predicted peak of restoring a 512×512 image with these options: what any actor must be allowed."""
+    from adaptbir.runtime.manifest import load_manifest
+    from adaptbir.runtime.plan import plan_restore
+    from adaptbir.runtime.preprocess import plan_geometry
+
+    plan = plan_restore(load_manifest(args.engines, verify=False), plan_geometry(512, 512), backend=args.backend,
+                        precision=args.cpu_precision, tile_size=0, score_given=args.score is not None)
+    return plan.peak_bytes
 
 
 def image_seed(relative: str) -> int:
@@ -39,15 +104,26 @@ def image_seed(relative: str) -> int:
     return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") >> 1
 
 
-def resume_key(source: Path, args, engine_id: str) -> str:
-    digest = hashlib.sha256(source.read_bytes()) if source.is_file() else hashlib.sha256(b"unreadable")
+def options_salt(args, engine_id: str) -> bytes:
+    """What, besides the input's bytes, decides an output: the options that change it and the engines."""
     options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
-    digest.update(json.dumps({"options": options, "engines": engine_id}, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    return json.dumps({"options": options, "engines": engine_id}, sort_keys=True, default=str).encode()
+
+
+def resume_key(data: bytes, salt: bytes) -> str:
+    """The resume key of an image: sha256 of its file's bytes and the options' salt."""
+    return hashlib.sha256(data + salt).hexdigest()
+
+
+def _file_key(source: Path, salt: bytes) -> str:
+    try:
+        return resume_key(source.read_bytes(), salt)
+    except OSError:
+        return ""
 
 
 def _finished(report: Path | None) -> dict[str, str]:
-    """key → output of every ok record of a previous run."""
+    """output → key of the last ok record of each output in a previous run's report."""
     if report is None or not report.is_file():
         return {}
     done = {}
@@ -57,29 +133,33 @@ def _finished(report: Path | None) -> dict[str, str]:
         except json.JSONDecodeError:  # a line cut by a crash: that image is simply redone
             continue
         if record.get("status") == "ok" and "key" in record:
-            done[record["key"]] = record.get("output", "")
+            done[record.get("output", "")] = record["key"]
     return done
 
 
-def _read(row: dict[str, Any]) -> dict[str, Any]:
-    """Ray task: decode one image (any failure becomes the image's error, never the job's)."""
+def _read(row: dict[str, Any], salt: bytes) -> dict[str, Any]:
+    """Ray task: the image's resume key and decoded pixels (a failure becomes the image's error, never the
+    job's). Inputs are read here, on the cluster, not by the driver."""
     from adaptbir.runtime.image_io import read_image
 
+    source = Path(row["source"])
     try:
-        return {**row, "image": pickle.dumps(read_image(row["source"])), "error": ""}
+        key = row["key"] or _file_key(source, salt)
+        return {**row, "key": key, "image": pickle.dumps(read_image(source)), "error": ""}
     except Exception as err:
-        return {**row, "image": b"", "error": without_path(err, Path(row["source"]))}
+        return {**row, "key": row["key"], "image": b"", "error": without_path(err, source)}
 
 
 class Restorer:
     """Ray actor: one Pipeline (the engines loaded once), restoring and writing one image per call."""
 
-    def __init__(self, args):
+    def __init__(self, args, shipment: EngineShipment | None = None, memory: int | None = None):
         from adaptbir.runtime.pipeline import Pipeline
 
         self.args = args
-        self.pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
-                                              precision=args.cpu_precision, memory_budget=args.memory_budget)
+        engines = shipment.unpack(args.engine_cache or default_cache()) if shipment else args.engines
+        self.pipeline = Pipeline.from_engines(engines, backend=args.backend, threads=args.threads,
+                                              precision=args.cpu_precision, memory_budget=memory)
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"input": row["source"], "key": row["key"], **self.pipeline.describe()}
@@ -102,47 +182,63 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     `adaptbir restore` (0 all restored, 1 some failed, 130 interrupted: what was written stays whole)."""
     from adaptbir.runtime.manifest import load_manifest
 
-    engine_id = load_manifest(args.engines).identity  # a bad directory stops here, before any work
+    salt = options_salt(args, load_manifest(args.engines).identity)  # a bad directory stops here
     done_before, root = _finished(args.report), args.out.resolve()
+    # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
+    # threads: it is file I/O); every other image's key is computed by the read task that loads it.
+    candidates = [job for job in jobs if str(job.target) in done_before and job.target.is_file()]
+    with ThreadPoolExecutor(8) as pool:
+        keys = dict(zip(candidates, pool.map(lambda job: _file_key(job.source, salt), candidates), strict=True))
     items, skipped = [], 0
     for job in jobs:
-        key = resume_key(job.source, args, engine_id)
-        finished = done_before.get(key) == str(job.target) and job.target.is_file()
+        finished = job in keys and keys[job] == done_before[str(job.target)]
         if job.skip or finished:
             skipped += 1
             reason = "finished by a previous run" if finished else "output exists (--on-exists skip)"
-            append_report(args.report, {"input": str(job.source), "key": key, "status": "skipped", "reason": reason,
-                                        "output": str(job.target)})
+            append_report(args.report, {"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
+                                        "reason": reason, "output": str(job.target)})
             continue
         seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
-        items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": key})
+        items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, "")})
     failures, done, interrupted = list(problems), 0, False
+    shown = BatchProgress(len(items), quiet=args.quiet)
     try:
-        for record in _run(args, items) if items else ():
+        for record in _run(args, items, salt, shown) if items else ():
             append_report(args.report, record)
             if record["status"] == "ok":
                 done += 1
             else:
                 failures.append(f"{record['input']}: {record['error']}")
+                shown.write(f"adaptbir-ray: {failures[-1]}")
+            shown.finished(Path(record["input"]).name, record["status"], record["wall_s"])
     except KeyboardInterrupt:  # outputs are written atomically by the actors: nothing partial is left
         interrupted = True
+    shown.close()
     return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
 
 
-def _run(args, items: list[dict[str, Any]]):
+def _run(args, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress):
     """The Ray Data pipeline over `items`; yields each image's report record as it finishes."""
     import ray
+    import ray.data  # configures its logger on import: quieted after
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             logging_level=logging.WARNING if args.quiet else logging.INFO)
-    logging.getLogger("ray.data").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    threads = args.threads or 1
-    actors = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1) // threads))
-    ray.data.DataContext.get_current().enable_progress_bars = not args.quiet
+             logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress is ours: one line or bar per image
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("memory", 0.0))
+             for node in ray.nodes() if node["Alive"]]
+    actors, claim = pool_size([cpus for cpus, _ in nodes], args.threads or 1, args.actors)
+    actors, memory = actor_memory(nodes, actors, claim, smallest_restore_bytes(args), args.memory_budget)
+    if not args.quiet:
+        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {args.threads or 1} threads (each "
+                    f"claiming {claim} CPUs and {memory / 2**30:.1f} GiB) on {len(nodes)} nodes"
+                    + (", shipping the engines to each node" if args.ship_engines else ""))
+    shipment = ship(args.engines) if args.ship_engines else None  # else: every node sees args.engines
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
-               .map(_read, num_cpus=READ_CPUS)
-               .map(Restorer, fn_constructor_kwargs={"args": args}, compute=ray.data.ActorPoolStrategy(size=actors),
-                    num_cpus=ACTOR_CPU_SHARE * threads, num_gpus=args.num_gpus_per_actor or None,
-                    max_restarts=-1, max_task_retries=-1))
+               .map(_read, fn_kwargs={"salt": salt}, num_cpus=READ_CPUS)
+               .map(Restorer, fn_constructor_kwargs={"args": args, "shipment": shipment, "memory": memory},
+                    compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=claim, memory=memory,
+                    num_gpus=args.num_gpus_per_actor or None))  # Ray Data restarts killed actors, retries tasks
     for row in dataset.iter_rows():
         yield json.loads(row["record"])

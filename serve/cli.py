@@ -4,7 +4,8 @@
     adaptbir-ray serve --engines engines/sd21 [--host 127.0.0.1 --port 8000 --replicas 2]
 
 `restore` takes every argument of `adaptbir restore` (`--threads` = threads of each actor), plus where the
-cluster is and how many restoring actors to run. Without `--address`, a local cluster is started.
+cluster is and how many restoring actors to run. Without `--address`: $RAY_ADDRESS, a cluster `ray start`
+began on this machine, else a new local one. Engines: a path every node sees, or `--ship-engines`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,15 @@ from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.plan import bytes_argument
 
 
+def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--address", help="Ray cluster to join (HOST:6379, ray://HOST:10001, auto); default: "
+                        "$RAY_ADDRESS or a cluster `ray start` began on this machine, else a new local one")
+    parser.add_argument("--ship-engines", action="store_true", help="copy the engine directory to each node "
+                        "through Ray's object store, once per node (for nodes that do not see --engines' path)")
+    parser.add_argument("--engine-cache", type=Path, help="where each node keeps shipped engines (default: "
+                        "$ADAPTBIR_ENGINE_CACHE or ~/.cache/adaptbir/engines on that node)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir-ray", description="AdaptBIR on a Ray cluster")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
                        "skips what a previous run finished (its report records); a failing image is reported and "
                        "the job goes on (exit 1), usage errors exit 2.")
     restore_arguments(r)
-    r.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
+    _cluster_arguments(r)
     r.add_argument("--actors", type=int, help="restoring actors (default: the cluster's CPUs / --threads)")
     r.add_argument("--num-gpus-per-actor", type=float, default=0.0,
                    help="GPUs each actor claims (with --backend trt/ort-cuda/ort-trt on a GPU cluster)")
@@ -47,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-bytes", type=bytes_argument, default="50M", help="largest upload (413 above)")
     v.add_argument("--max-pixels", type=int, default=64 * 2**20, help="largest image in pixels (413 above)")
     v.add_argument("--max-steps", type=int, default=200, help="most sampling steps a request may ask (422 above)")
-    v.add_argument("--address", help="Ray cluster to join (auto, ray://HOST:10001); default: start a local one")
+    _cluster_arguments(v)
     return parser
 
 
@@ -64,7 +74,8 @@ def _serve(args) -> int:
     load_manifest(args.engines)  # a bad directory is one line here, not a replica crash loop
     start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
           max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-          limits=Limits(args.max_bytes, args.max_pixels, args.max_steps), address=args.address)
+          limits=Limits(args.max_bytes, args.max_pixels, args.max_steps), address=args.address,
+          ship_engines=args.ship_engines, engine_cache=args.engine_cache)
     print(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     try:
         while True:

@@ -26,6 +26,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError, InputError
 
+from .shipping import EngineShipment, default_cache, ship
+
 PARAMETERS = {"seed": int, "steps": int, "score": float, "k": float, "w": float}
 
 
@@ -44,9 +46,11 @@ class Rejected(Exception):
 
 @serve.deployment
 class RestoreService:
-    def __init__(self, engines: str, threads: int | None, limits: dict):
+    def __init__(self, engines: str | EngineShipment, threads: int | None, limits: dict, cache: str | None = None):
         from adaptbir.runtime.pipeline import Pipeline
 
+        if isinstance(engines, EngineShipment):  # this node may not see the driver's disk
+            engines = engines.unpack(Path(cache) if cache else default_cache())
         self.pipeline = Pipeline.from_engines(engines, threads=threads)
         self.limits = Limits(**limits)
 
@@ -114,8 +118,9 @@ class RestoreService:
 
 def start(engines: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, threads: int = 1,
           max_ongoing_requests: int = 2, max_queued_requests: int = 8, limits: Limits | None = None,
-          address: str | None = None) -> None:
-    """Deploy the service on the cluster at `address` (None: a local one) and return once it answers."""
+          address: str | None = None, ship_engines: bool = False, engine_cache: Path | None = None) -> None:
+    """Deploy the service on the cluster at `address` (None: Ray's default) and return once it answers.
+    `ship_engines`: carry the directory to each replica's node through the object store (see shipping)."""
     import ray
 
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
@@ -123,5 +128,6 @@ def start(engines: str | Path, *, host: str = "127.0.0.1", port: int = 8000, rep
     app = RestoreService.options(
         num_replicas=replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,
         ray_actor_options={"num_cpus": 0.8 * threads},
-    ).bind(str(engines), threads, asdict(limits or Limits()))
+    ).bind(ship(Path(engines)) if ship_engines else str(engines), threads, asdict(limits or Limits()),
+           str(engine_cache) if engine_cache else None)
     serve.run(app, name="adaptbir", route_prefix="/")

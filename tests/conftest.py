@@ -37,16 +37,37 @@ def golden(reference):
     return load
 
 
+def shared_directory(tmp_path_factory, name: str, build) -> Path:
+    """A directory built once per test run, also when pytest-xdist runs several workers: the first worker to
+    ask builds it (`build(path)`) under a file lock while the others wait; all then read it. Tests never
+    write into it (they copy it first)."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "shared"
+    root.mkdir(exist_ok=True)
+    out = root / name
+    with FileLock(str(out) + ".lock"):
+        if not (out / "manifest.json").is_file():
+            build(out)
+    return out
+
+
+def _export(*args: str):
+    def build(out: Path) -> None:
+        from adaptbir.export.cli import main as export_main
+
+        assert export_main(["build", *args, "--out", str(out)]) == 0
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_engines(reference, tmp_path_factory) -> Path:
-    """fp32 engine directory exported from the golden tiny weights (built once per session)."""
-    from adaptbir.export.cli import main as export_main
-
-    out = tmp_path_factory.mktemp("engines") / "tiny-preset"
-    args = ["build", "--checkpoint", str(reference / "tiny_stage3.safetensors"),
-            "--musiq", str(reference / "musiq_random.safetensors"), "--preset", "tiny", "--out", str(out)]
-    assert export_main(args) == 0
-    return out
+    """fp32 engine directory exported from the golden tiny weights (built once per run)."""
+    return shared_directory(tmp_path_factory, "tiny-preset", _export(
+        "--checkpoint", str(reference / "tiny_stage3.safetensors"), "--musiq",
+        str(reference / "musiq_random.safetensors"), "--preset", "tiny"))
 
 
 @pytest.fixture(scope="session")
@@ -54,12 +75,8 @@ def micro_engines(tmp_path_factory) -> Path:
     """A smaller model than tiny (8 channels, no level-0 attention; tests/micro_config.json), random weights:
     for tests of the plumbing around the engines (CLI, reports, policies, API kinds), where what the model
     computes does not matter and a restore takes 0.6 s instead of tiny's 3.9 s. Numbers are tiny's."""
-    from adaptbir.export.cli import main as export_main
-
-    out = tmp_path_factory.mktemp("engines") / "micro-random"
     config = Path(__file__).with_name("micro_config.json")
-    assert export_main(["build", "--random-weights", "--config", str(config), "--out", str(out)]) == 0
-    return out
+    return shared_directory(tmp_path_factory, "micro-random", _export("--random-weights", "--config", str(config)))
 
 
 @pytest.fixture(scope="session")
@@ -120,6 +137,17 @@ def parity(request):
         return err
 
     return check
+
+
+def pytest_sessionfinish(session):
+    """A pytest-xdist worker hands its parity records to the controller, which prints the summary."""
+    if hasattr(session.config, "workeroutput"):
+        session.config.workeroutput["parity"] = _PARITY
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    _PARITY.extend(tuple(record) for record in node.workeroutput.get("parity", []))
 
 
 def pytest_terminal_summary(terminalreporter, config):

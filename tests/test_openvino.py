@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -95,23 +96,24 @@ def _cache_files(root) -> set[str]:
 def test_compiled_models_are_cached_per_user_and_reused(tiny_engines, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     monkeypatch.setenv("ADAPTBIR_CACHE_DIR", str(cache))
-    before = {p: p.stat().st_mode for p in tiny_engines.iterdir()}
+    engines = shutil.copytree(tiny_engines, tmp_path / "read-only")  # the session's directory is shared
+    before = {p: p.stat().st_mode for p in engines.iterdir()}
     for p in before:
         p.chmod(stat.S_IRUSR)  # a read-only engine directory is fine: nothing is written into it
     try:
-        first = Engines.load(tiny_engines, backend="openvino", precision="f32")
+        first = Engines.load(engines, backend="openvino", precision="f32")
         latent = np.zeros((1, 4, 8, 8), np.float32)
         (image,) = first.run("decoder", {"latent": latent})
         written = _cache_files(cache)
         assert written and all(f.startswith("openvino/") for f in written)
-        second = Engines.load(tiny_engines, backend="openvino", precision="f32")
+        second = Engines.load(engines, backend="openvino", precision="f32")
         (again,) = second.run("decoder", {"latent": latent})
         assert _cache_files(cache) == written  # compiled once, loaded from the cache the second time
         np.testing.assert_array_equal(image, again)
     finally:
         for p, mode in before.items():
             p.chmod(mode)
-    assert sorted(p.name for p in tiny_engines.iterdir()) == sorted(p.name for p in before)
+    assert sorted(p.name for p in engines.iterdir()) == sorted(p.name for p in before)
 
 
 def test_several_shapes_and_threads(micro_engines, threads_agree):

@@ -94,9 +94,53 @@ def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engi
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left behind
 
 
+@pytest.fixture
+def sixteen_cpu_cluster(monkeypatch):
+    """An existing cluster (`ray start --head`, loopback) that declares 16 CPUs on this 2-core machine: the
+    sizing of a large node, as a job joining with --address meets it. Without token authentication (a
+    loopback test cluster; Ray turns it on when ~/.ray/auth_token exists, and then every driver needs
+    RAY_AUTH_MODE=token)."""
+    import socket
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # for `ray start` and the job's driver alike
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = str(Path(sys.executable).with_name("ray"))
+    subprocess.run([ray, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=16",
+                    "--include-dashboard=false", "--disable-usage-stats"], check=True, capture_output=True,
+                   timeout=120)
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_a_joined_16_cpu_cluster_with_shipped_engines(micro_engines, sixteen_cpu_cluster, tmp_path):
+    """--address joins an existing cluster; its default pool (16 CPUs / 4 threads = 4 actors of 3.2 CPUs)
+    leaves room for the reads; --ship-engines unpacks the directory once per node into --engine-cache, and
+    every output is still bit-identical to `adaptbir restore` with the same options."""
+    from adaptbir.runtime.cli import main as local_main
+
+    good = _collection(tmp_path / "in")
+    options = ["--steps", "2", "--seed", "3", "--threads", "4", "--quiet"]
+    assert local_main(["restore", str(tmp_path / "in"), "-o", str(tmp_path / "local"), "--engines",
+                       str(micro_engines), *options]) == 1
+    out, cache = tmp_path / "ray", tmp_path / "node-cache"
+    run = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--address",
+               sixteen_cpu_cluster, "--ship-engines", "--engine-cache", str(cache), *options)
+    assert run.returncode == 1 and f"restored {good}, skipped 0, failed 2 of 12" in run.stderr, run.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    [unpacked] = [p for p in cache.iterdir() if not p.name.startswith(".")]  # one folder for the node
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(".")]  # no staging left
+    assert {r["engines"] for r in records if r["status"] == "ok"} == {str(unpacked)}
+    for relative in (p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*.png")):
+        assert (out / relative).read_bytes() == (tmp_path / "local" / relative).read_bytes(), relative
+
+
 @pytest.fixture(scope="module")
-def service(micro_engines):
-    """The HTTP service on a local cluster, loopback only: one replica, 2 requests at a time, 4 queued."""
+def service(micro_engines, tmp_path_factory):
+    """The HTTP service on a local cluster, loopback only: one replica, 2 requests at a time, 4 queued; its
+    engines shipped through the object store into a node cache."""
     import socket
 
     import ray
@@ -108,7 +152,8 @@ def service(micro_engines):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     start(micro_engines, port=port, threads=1, max_ongoing_requests=2, max_queued_requests=4,
-          limits=Limits(max_bytes=2**20, max_pixels=1024 * 1024, max_steps=10))
+          limits=Limits(max_bytes=2**20, max_pixels=1024 * 1024, max_steps=10), ship_engines=True,
+          engine_cache=tmp_path_factory.mktemp("node-cache"))
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -133,7 +178,8 @@ def test_service_answers_concurrent_requests_as_the_local_pipeline(service, micr
     with urllib.request.urlopen(f"{service}/healthz", timeout=30) as r:
         assert r.read() == b"ok"
     with urllib.request.urlopen(f"{service}/info", timeout=30) as r:
-        assert json.loads(r.read())["engine_id"].startswith("micro-random@")
+        info = json.loads(r.read())
+    assert info["engine_id"].startswith("micro-random@") and "node-cache" in info["engines"]
     photos = [_png(40 + 8 * (i % 3), 56, i) for i in range(20)]
     with ThreadPoolExecutor(max_workers=3) as pool:  # a bounded client: within the queue, never refused
         answers = list(pool.map(lambda i: restore(service, photos[i], seed=i, steps=2, score=50), range(20)))
