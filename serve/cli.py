@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--replicas", type=int, default=1, help="replicas, each loading the engines once")
     v.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads of each replica")
-    v.add_argument("--max-ongoing-requests", type=int, default=2, help="images a replica restores at once")
+    v.add_argument("--max-ongoing-requests", type=int, default=1, help="images a replica restores at once (on "
+                   "a CPU, two at once took 21 %% longer than one after the other: tools/batch_axis.py)")
     v.add_argument("--max-queued-requests", type=int, default=8, help="requests waiting; more are answered 503")
     v.add_argument("--max-bytes", type=bytes_argument, default="50M", help="largest upload (413 above)")
     v.add_argument("--max-pixels", type=int, default=64 * 2**20, help="largest image in pixels (413 above)")

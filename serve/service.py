@@ -117,7 +117,7 @@ class RestoreService:
 
 
 def start(engines: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, threads: int = 1,
-          max_ongoing_requests: int = 2, max_queued_requests: int = 8, limits: Limits | None = None,
+          max_ongoing_requests: int = 1, max_queued_requests: int = 8, limits: Limits | None = None,
           address: str | None = None, ship_engines: bool = False, engine_cache: Path | None = None) -> None:
     """Deploy the service on the cluster at `address` (None: Ray's default) and return once it answers.
     `ship_engines`: carry the directory to each replica's node through the object store (see shipping)."""
