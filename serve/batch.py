@@ -12,9 +12,12 @@ read by the read tasks, not by the driver (it hashes only the images a re-run ma
 Every output is bit-identical to `adaptbir restore` with the same options, `--threads` included (ONNX
 Runtime's last bits follow its thread count; here `--threads` is each actor's): with `--seed S` every image
 gets S (as there); without, each image gets a seed derived from its output's path inside OUTDIR (recorded),
-so no result depends on which actor ran it, or on a retry. Re-running skips every image whose output exists
-and whose report record (same input bytes, options and engine id) says ok; a killed actor is restarted by
-Ray and its image retried, and a half-written output is never left (atomic writes).
+so no result depends on which actor ran it, or on a retry. (Tiling follows the memory budget: each actor
+plans within its claimed share of its node's memory unless `--memory-budget` is given, so an image large
+enough to tile under one budget and not the other differs; give the same budget to both commands.)
+Re-running skips every image whose output exists and whose report record (same input bytes, options and
+engine id) says ok; a killed actor is restarted by Ray and its image retried, and a half-written output is
+never left (atomic writes).
 """
 
 from __future__ import annotations
