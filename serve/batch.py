@@ -162,7 +162,8 @@ class Restorer:
         self.args = args
         engines = shipment.unpack(args.engine_cache or default_cache()) if shipment else args.engines
         self.pipeline = Pipeline.from_engines(engines, backend=args.backend, threads=args.threads,
-                                              precision=args.cpu_precision, memory_budget=memory)
+                                              precision=args.cpu_precision, memory_budget=memory,
+                                              verify=shipment is None)  # unpack() has just verified it
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = {"input": row["source"], "key": row["key"], **self.pipeline.describe()}

@@ -49,9 +49,10 @@ class RestoreService:
     def __init__(self, engines: str | EngineShipment, threads: int | None, limits: dict, cache: str | None = None):
         from adaptbir.runtime.pipeline import Pipeline
 
-        if isinstance(engines, EngineShipment):  # this node may not see the driver's disk
+        shipped = isinstance(engines, EngineShipment)
+        if shipped:  # this node may not see the driver's disk
             engines = engines.unpack(Path(cache) if cache else default_cache())
-        self.pipeline = Pipeline.from_engines(engines, threads=threads)
+        self.pipeline = Pipeline.from_engines(engines, threads=threads, verify=not shipped)  # unpack() verified
         self.limits = Limits(**limits)
 
     async def __call__(self, request: Request) -> Response:

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adaptbir.runtime.errors import EngineError
 from adaptbir.runtime.manifest import MANIFEST, load_manifest
 
 CHUNK_BYTES = 64 * 2**20
@@ -43,13 +44,16 @@ class EngineShipment:
     files: dict[str, list] = field(default_factory=dict)  # relative name → [ObjectRef of bytes, ...]
 
     def unpack(self, cache: Path) -> Path:
-        """The engine directory on this node: written from the chunks on first use (one writer per node,
-        verified), then reused. Returns its path."""
+        """The engine directory on this node, every file verified against the manifest: written from the
+        chunks on first use (one writer per node), reused after — rewritten if a file there was damaged.
+        Returns its path (load it with `verify=False`: it has just been checked)."""
         cache.mkdir(parents=True, exist_ok=True)
         target = cache / self.folder
         with (cache / f".{self.folder}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the other actors of this node wait, then find it done
-            if not (target / MANIFEST).is_file():
+            try:
+                load_manifest(target, verify=True)
+            except EngineError:  # not there yet, left half-written by a crash, or damaged since
                 self._write(cache, target)
         return target
 
@@ -65,7 +69,7 @@ class EngineShipment:
                     for chunk in chunks:  # one chunk in memory at a time
                         out.write(ray.get(chunk))
             load_manifest(staging, verify=True)  # every sha256 as the manifest says, before anyone uses it
-            shutil.rmtree(target, ignore_errors=True)  # a folder left without its manifest by a crash
+            shutil.rmtree(target, ignore_errors=True)
             staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
