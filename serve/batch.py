@@ -34,6 +34,7 @@ from typing import Any
 
 from adaptbir.runtime.cli import Job, append_report, finish_batch, restore_loaded, without_path, write_output
 from adaptbir.runtime.errors import ArgumentError
+from adaptbir.runtime.manifest import Manifest
 from adaptbir.runtime.progress import BatchProgress
 
 from .shipping import EngineShipment, default_cache, ship
@@ -46,6 +47,11 @@ READ_MEMORY_SHARE = 0.1  # of a node's memory, left to read tasks when actors cl
 ACTOR_CPU_SHARE = 0.8  # an actor claims this × its threads, so read tasks always find room (a 2-core laptop too)
 
 
+def _fit(cpus: float, claim: float) -> int:
+    """How many claims of `claim` CPUs a node with `cpus` free places."""
+    return int(max(cpus, 0.0) / claim + 1e-9)
+
+
 def pool_size(node_cpus: list[float], threads: int, actors: int | None = None) -> tuple[int, float]:
     """Restoring actors and the CPUs each claims from Ray, so that every actor can be placed and a read task
     still finds room: by default one actor per `threads` CPUs of the cluster, each claiming 0.8 × threads —
@@ -55,10 +61,8 @@ def pool_size(node_cpus: list[float], threads: int, actors: int | None = None) -
         raise ArgumentError(f"the Ray cluster has no node with a CPU to spare (CPUs per node: {node_cpus})")
 
     def placed(claim: float) -> int:  # actors that fit while one node (the best one) keeps a read's share
-        def fit(cpus: float) -> int:
-            return int(max(cpus, 0.0) / claim + 1e-9)
-
-        return sum(map(fit, node_cpus)) + max(fit(cpus - READ_CPUS) - fit(cpus) for cpus in node_cpus)
+        fits = [_fit(cpus, claim) for cpus in node_cpus]
+        return sum(fits) + max(_fit(cpus - READ_CPUS, claim) - n for cpus, n in zip(node_cpus, fits, strict=True))
 
     actors = actors or max(1, int(sum(node_cpus) // threads))
     claim = ACTOR_CPU_SHARE * threads
@@ -79,7 +83,7 @@ def actor_memory(nodes: list[tuple[float, float]], actors: int, claim: float, ne
     actor gets 90 % of its node's memory divided by the actors its CPUs place there (the smallest such
     share); a `budget` (--memory-budget) is claimed as given, and fewer actors run when fewer fit.
     `needed`: what a 512×512 restore needs (below it, no image could be restored)."""
-    per_node = [(int(cpus / claim + 1e-9) if claim else actors, memory * (1 - READ_MEMORY_SHARE))
+    per_node = [(_fit(cpus, claim) if claim else actors, memory * (1 - READ_MEMORY_SHARE))
                 for cpus, memory in nodes]  # the rest: read tasks (Ray Data starts none without memory left)
     share = int(min((memory / count for count, memory in per_node if count), default=0))
     each = budget or share
@@ -91,14 +95,13 @@ def actor_memory(nodes: list[tuple[float, float]], actors: int, claim: float, ne
     return min(actors, fitting), each
 
 
-def smallest_restore_bytes(args) -> int:
+def smallest_restore_bytes(manifest: Manifest, args) -> int:
     """Predicted peak of restoring a 512×512 image with these options: what any actor must be allowed."""
-    from adaptbir.runtime.manifest import load_manifest
     from adaptbir.runtime.plan import plan_restore
     from adaptbir.runtime.preprocess import plan_geometry
 
-    plan = plan_restore(load_manifest(args.engines, verify=False), plan_geometry(512, 512), backend=args.backend,
-                        precision=args.cpu_precision, tile_size=0, score_given=args.score is not None)
+    plan = plan_restore(manifest, plan_geometry(512, 512), backend=args.backend, precision=args.cpu_precision,
+                        tile_size=0, score_given=args.score is not None)
     return plan.peak_bytes
 
 
@@ -186,7 +189,8 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     `adaptbir restore` (0 all restored, 1 some failed, 130 interrupted: what was written stays whole)."""
     from adaptbir.runtime.manifest import load_manifest
 
-    salt = options_salt(args, load_manifest(args.engines).identity)  # a bad directory stops here
+    manifest = load_manifest(args.engines)  # every file hashed once, here: a bad directory stops the job
+    salt = options_salt(args, manifest.identity)
     done_before, root = _finished(args.report), args.out.resolve()
     # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
     # threads: it is file I/O); every other image's key is computed by the read task that loads it.
@@ -207,7 +211,7 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     failures, done, interrupted = list(problems), 0, False
     shown = BatchProgress(len(items), quiet=args.quiet)
     try:
-        for record in _run(args, items, salt, shown) if items else ():
+        for record in _run(args, manifest, items, salt, shown) if items else ():
             append_report(args.report, record)
             if record["status"] == "ok":
                 done += 1
@@ -221,7 +225,7 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
 
 
-def _run(args, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress):
+def _run(args, manifest: Manifest, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress):
     """The Ray Data pipeline over `items`; yields each image's report record as it finishes."""
     import ray
     import ray.data  # configures its logger on import: quieted after
@@ -232,13 +236,13 @@ def _run(args, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress):
     ray.data.DataContext.get_current().enable_progress_bars = False
     nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("memory", 0.0))
              for node in ray.nodes() if node["Alive"]]
-    actors, claim = pool_size([cpus for cpus, _ in nodes], args.threads or 1, args.actors)
-    actors, memory = actor_memory(nodes, actors, claim, smallest_restore_bytes(args), args.memory_budget)
+    actors, claim = pool_size([cpus for cpus, _ in nodes], args.threads, args.actors)
+    actors, memory = actor_memory(nodes, actors, claim, smallest_restore_bytes(manifest, args), args.memory_budget)
     if not args.quiet:
-        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {args.threads or 1} threads (each "
+        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {args.threads} threads (each "
                     f"claiming {claim} CPUs and {memory / 2**30:.1f} GiB) on {len(nodes)} nodes"
                     + (", shipping the engines to each node" if args.ship_engines else ""))
-    shipment = ship(args.engines) if args.ship_engines else None  # else: every node sees args.engines
+    shipment = ship(args.engines, manifest) if args.ship_engines else None  # else: every node sees the path
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .map(_read, fn_kwargs={"salt": salt}, num_cpus=READ_CPUS)
                .map(Restorer, fn_constructor_kwargs={"args": args, "shipment": shipment, "memory": memory},

@@ -72,7 +72,8 @@ def _serve(args) -> int:
     for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    load_manifest(args.engines)  # a bad directory is one line here, not a replica crash loop
+    # A bad directory is one line here, not a replica crash loop (shipping hashes every file itself).
+    load_manifest(args.engines, verify=not args.ship_engines)
     start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
           max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
           limits=Limits(args.max_bytes, args.max_pixels, args.max_steps), address=args.address,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adaptbir.runtime.errors import EngineError
-from adaptbir.runtime.manifest import MANIFEST, load_manifest
+from adaptbir.runtime.manifest import MANIFEST, Manifest, load_manifest
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -47,13 +47,13 @@ class EngineShipment:
         """The engine directory on this node, every file verified against the manifest: written from the
         chunks on first use (one writer per node), reused after — rewritten if a file there was damaged.
         Returns its path (load it with `verify=False`: it has just been checked)."""
-        cache.mkdir(parents=True, exist_ok=True)
         target = cache / self.folder
+        if _verified(target):  # the usual case: checked by each actor at once, no lock held
+            return target
+        cache.mkdir(parents=True, exist_ok=True)
         with (cache / f".{self.folder}.lock").open("w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # the other actors of this node wait, then find it done
-            try:
-                load_manifest(target, verify=True)
-            except EngineError:  # not there yet, left half-written by a crash, or damaged since
+            if not _verified(target):  # not there yet, left half-written by a crash, or damaged since
                 self._write(cache, target)
         return target
 
@@ -76,11 +76,20 @@ class EngineShipment:
             raise
 
 
-def ship(directory: Path) -> EngineShipment:
-    """Put the engine directory's listed files into the object store (after checking them all)."""
+def _verified(directory: Path) -> bool:
+    try:
+        load_manifest(directory, verify=True)
+        return True
+    except EngineError:
+        return False
+
+
+def ship(directory: Path, manifest: Manifest | None = None) -> EngineShipment:
+    """Put the engine directory's listed files into the object store, after checking them all (pass the
+    `manifest` when the caller already loaded it with `verify=True`)."""
     import ray
 
-    manifest = load_manifest(directory, verify=True)
+    manifest = manifest or load_manifest(directory, verify=True)
     names = [MANIFEST, *sorted(manifest.files)]
     folder = f"{manifest.name}-{hashlib.sha256((directory / MANIFEST).read_bytes()).hexdigest()[:16]}"
     files = {}
