@@ -10,50 +10,91 @@ import argparse
 import math
 from numbers import Integral, Real
 
+import numpy as np
+
 from .colorfix import METHODS as COLOR_FIXES
 from .errors import ArgumentError
 
 STEPS = (2, 1000)  # the spaced schedule needs 2 steps; the model was trained over 1000 timesteps
 SR_SCALE = (0.125, 16.0)  # beyond these the processing size is a thumbnail or past the pixel limit anyway
 SEED_BELOW = 2**63
-TILE_MIN = 128
+TILE_MIN, TILE_MAX = 128, 65536  # pixels; above any image Pillow opens, a tile is the whole image
+W_MAX = 100.0  # the gate gives at most 1; far beyond it the CSFT features overflow into NaNs, not an image
 
 
 def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+    """A finite real number that stays finite as the float32 the graphs are fed (1e39 is finite as a
+    Python float and inf in float32)."""
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise ArgumentError(f"{name} must be a finite number, not {value!r}")
+    with np.errstate(over="ignore"):
+        if not (math.isfinite(float(value)) and np.isfinite(np.float32(value))):
+            raise ArgumentError(f"{name} must be a finite number (within float32's ±3.4e38), not {value!r}")
     return float(value)
+
+
+def _integer(name: str, value: object, low: int, high: int, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, Integral) or not low <= value <= high:
+        raise ArgumentError(f"{name} must be {allowed}, not {value!r}")
+    return int(value)
+
+
+def check_memory_budget(value: object) -> int | None:
+    """Bytes as an int, or a size such as "12G" (as `--memory-budget`); None: the default budget."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from .plan import parse_bytes
+
+        return parse_bytes(value)
+    if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 1:
+        return int(value)
+    raise ArgumentError(f"memory_budget must be a positive number of bytes or a size such as '12G', not {value!r}")
+
+
+def _callback(name: str, value: object) -> None:
+    if value is not None and not callable(value):
+        raise ArgumentError(f"{name} must be a callable (or None), not {type(value).__name__} {value!r}")
 
 
 def check_arguments(*, steps: int | None = None, seed: int | None = None, score: float | None = None,
                     k: float | None = None, w: float | None = None, sr_scale: float | None = None,
-                    color_fix: str | None = None, tile_size: int | None = None) -> list[str]:
+                    color_fix: str | None = None, tile_size: int | None = None, max_steps: int = STEPS[1],
+                    resize_back: object = True, memory_budget: object = None, progress: object = None,
+                    on_stage: object = None) -> list[str]:
     """Raise `ArgumentError` for the first value outside what is allowed; return warnings (w above 1).
 
-    None means "not given" (the default or the measured value is used)."""
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, Integral)
-                              or not STEPS[0] <= steps <= STEPS[1]):
-        raise ArgumentError(f"steps must be an integer from {STEPS[0]} to {STEPS[1]}, not {steps!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, Integral) or not 0 <= seed < SEED_BELOW):
-        raise ArgumentError(f"seed must be an integer from 0 to 2**63 - 1, not {seed!r}")
+    None means "not given" (the default or the measured value is used). `max_steps`: the most steps the
+    engine directory's schedule allows (its timesteps, at most 1000)."""
+    high = min(STEPS[1], max_steps)
+    if steps is not None:
+        _integer("steps", steps, STEPS[0], high, f"an integer from {STEPS[0]} to {high}"
+                 + (f" (this engine directory's schedule has {max_steps} timesteps)" if high < STEPS[1] else ""))
+    if seed is not None:
+        _integer("seed", seed, 0, SEED_BELOW - 1, "an integer from 0 to 2**63 - 1")
     if score is not None:
         _number("score", score)
     if k is not None and not 0 <= _number("k", k) <= 1:
         raise ArgumentError(f"k must be in [0, 1] (0: the restoration latent, 1: the identity latent), not {k!r}")
     warnings = []
     if w is not None:
-        if _number("w", w) < 0:
-            raise ArgumentError(f"w must be ≥ 0 (0: no CSFT; the gate gives at most 1), not {w!r}")
+        if not 0 <= _number("w", w) <= W_MAX:
+            raise ArgumentError(f"w must be from 0 to {W_MAX:g} (0: no CSFT; the gate gives at most 1), not {w!r}")
         if w > 1:
             warnings.append(f"w = {w:g} is above 1, the strongest CSFT strength the gate gives")
     if sr_scale is not None and not SR_SCALE[0] <= _number("sr_scale", sr_scale) <= SR_SCALE[1]:
         raise ArgumentError(f"sr_scale must be from {SR_SCALE[0]} to {SR_SCALE[1]:g}, not {sr_scale!r}")
-    if color_fix is not None and color_fix not in COLOR_FIXES:
+    if color_fix is not None and (not isinstance(color_fix, str) or color_fix not in COLOR_FIXES):
         raise ArgumentError(f"color_fix must be one of {', '.join(COLOR_FIXES)}, not {color_fix!r}")
     if tile_size is not None and (isinstance(tile_size, bool) or not isinstance(tile_size, Integral) or (
-            tile_size != 0 and (tile_size % 64 or tile_size < TILE_MIN))):
-        raise ArgumentError(f"tile size must be 0 (never tile) or a multiple of 64 of at least {TILE_MIN} px, "
-                            f"not {tile_size!r}")
+            tile_size != 0 and (tile_size % 64 or not TILE_MIN <= tile_size <= TILE_MAX))):
+        raise ArgumentError(f"tile size must be 0 (never tile) or a multiple of 64 from {TILE_MIN} to {TILE_MAX} "
+                            f"px, not {tile_size!r}")
+    if not isinstance(resize_back, bool):  # "no" would read as true
+        raise ArgumentError(f"resize_back must be True or False, not {resize_back!r}")
+    check_memory_budget(memory_budget)
+    _callback("progress", progress)
+    _callback("on_stage", on_stage)
     return warnings
 
 

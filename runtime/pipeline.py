@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .arguments import check_arguments
+from .arguments import STEPS, check_arguments, check_memory_budget
 from .backends import Engines
+from .errors import ArgumentError
 from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
 from .plan import RestorePlan
@@ -67,7 +68,7 @@ class Pipeline:
         """`context` [1,77,C] replaces the directory's empty-prompt context (golden tests, custom prompts).
         `memory_budget` (bytes) decides tiling: untiled, the reference's result, whenever its predicted peak
         fits (default: 85 % of what the process holds plus what it can still allocate, `runtime/plan.py`)."""
-        self.stages = Stages(engines, context, memory_budget)
+        self.stages = Stages(engines, context, check_memory_budget(memory_budget))
         self.engines = engines
         self.manifest = engines.manifest
 
@@ -83,6 +84,11 @@ class Pipeline:
     def identity(self) -> str:
         return self.manifest.identity
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampling steps this directory's schedule allows (its timesteps, at most 1000)."""
+        return min(STEPS[1], self.manifest.schedule.timesteps)
+
     def score(self, image_u8: np.ndarray) -> float:
         """MUSIQ score of a uint8 HxWx3 image, as the pipeline measures it (on the padded image)."""
         return self.stages.score(image_u8)
@@ -93,9 +99,10 @@ class Pipeline:
         """How `restore` would run an image of `size` (height, width) with these options, before anything
         runs: processing size, MUSIQ tokens, tiled or not and why, predicted peak memory (InputError when
         not even tiles fit the budget)."""
-        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size)
+        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size, resize_back=resize_back,
+                        memory_budget=memory_budget)
         geometry = plan_geometry(*size, sr_scale=sr_scale, resize_back=resize_back)
-        return self.stages.plan(geometry, tile_size, score is not None, memory_budget)
+        return self.stages.plan(geometry, tile_size, score is not None, check_memory_budget(memory_budget))
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         check_arguments(score=score, k=k, w=w)
@@ -107,7 +114,8 @@ class Pipeline:
         """Stages 3–6 on an already padded float image x [1,3,H,W] in [-1,1]: score (unless given), gate,
         encode and mix, sample, decode. `options` go to `Stages.run` (x_T, noise, color_fix, tile_size, ...)."""
         check_arguments(score=score, k=k, w=w, steps=steps, seed=seed, color_fix=options.get("color_fix"),
-                        tile_size=options.get("tile_size"))
+                        tile_size=options.get("tile_size"), max_steps=self.max_steps,
+                        progress=options.get("progress"), on_stage=options.get("on_stage"))
         timings = options.setdefault("timings", Timings())
         if seed is None and (options.get("x_T") is None or options.get("noise") is None):
             seed = secrets.randbits(63)
@@ -129,10 +137,15 @@ class Pipeline:
 
         Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
         notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
-                                color_fix=color_fix, tile_size=tile_size)
+                                color_fix=color_fix, tile_size=tile_size, max_steps=self.max_steps,
+                                resize_back=resize_back, memory_budget=memory_budget, progress=progress,
+                                on_stage=on_stage)
+        memory_budget = check_memory_budget(memory_budget)
         timings = Timings()
         started = time.perf_counter()
         loaded = image if isinstance(image, LoadedImage) else from_array(image)
+        if 0 in loaded.rgb.shape[:2]:
+            raise ArgumentError(f"the image is empty ({loaded.rgb.shape[1]}×{loaded.rgb.shape[0]} pixels, W×H)")
         seed = secrets.randbits(63) if seed is None else int(seed)
         with timings.stage("preprocess"):
             geometry = plan_geometry(*loaded.rgb.shape[:2], sr_scale=sr_scale, resize_back=resize_back)

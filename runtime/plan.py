@@ -90,7 +90,10 @@ def parse_bytes(text: str) -> int:
     if not match or float(match.group(1)) <= 0:
         raise ArgumentError(f"memory size {text!r}: write it as e.g. 12G, 12GiB or 800M")
     power = {"k": 1, "m": 2, "g": 3, "t": 4, "": 3}[match.group(2).lower()]
-    return int(float(match.group(1)) * 1024**power)
+    size = int(float(match.group(1)) * 1024**power)
+    if size < 1:
+        raise ArgumentError(f"memory size {text!r} is below one byte")
+    return size
 
 
 def bytes_argument(text: str) -> int:

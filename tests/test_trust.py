@@ -228,7 +228,7 @@ def pipeline(micro_engines):
 @pytest.mark.parametrize("options,message", [
     ({"score": float("nan")}, "score must be a finite number"),
     ({"k": 5}, r"k must be in \[0, 1\]"),
-    ({"w": -3}, "w must be ≥ 0"),
+    ({"w": -3}, "w must be from 0 to 100"),
     ({"w": float("inf")}, "w must be a finite number"),
     ({"sr_scale": float("inf")}, "sr_scale must be a finite number"),
     ({"sr_scale": 100}, "sr_scale must be from 0.125 to 16"),
@@ -252,7 +252,7 @@ def test_w_above_one_is_a_warning(pipeline):
 @pytest.mark.parametrize("args,message", [
     (["--score", "nan"], "score must be a finite number"),
     (["--k", "5"], "k must be in [0, 1]"),
-    (["--w", "-3"], "w must be ≥ 0"),
+    (["--w", "-3"], "w must be from 0 to 100"),
     (["--sr-scale", "inf"], "sr_scale must be a finite number"),
     (["--steps", "1"], "steps must be an integer from 2 to 1000"),
     (["--tile-size", "100"], "tile size must be 0"),
