@@ -17,7 +17,9 @@ plans within its claimed share of its node's memory unless `--memory-budget` is 
 enough to tile under one budget and not the other differs; give the same budget to both commands.)
 Re-running skips every image whose output exists and whose report record (same input bytes, options and
 engine id) says ok; a killed actor is restarted by Ray and its image retried, and a half-written output is
-never left (atomic writes).
+never left (atomic writes). The report names every image as "dispatched" before any actor may write it, so
+an output written after its driver died (Ray stops a dead driver's actors within seconds, not at once) is
+known to be unfinished, and a re-run restores it again instead of keeping it as "output exists".
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -128,19 +131,28 @@ def _file_key(source: Path, salt: bytes) -> str:
         return ""
 
 
-def _finished(report: Path | None) -> dict[str, str]:
-    """output → key of the last ok record of each output in a previous run's report."""
+def _last_records(report: Path | None) -> dict[str, dict[str, Any]]:
+    """output → the last record naming it in a previous run's report (dispatched, ok, failed, ...)."""
     if report is None or not report.is_file():
         return {}
-    done = {}
+    last = {}
     for line in report.read_text().splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line cut by a crash: that image is simply redone
             continue
-        if record.get("status") == "ok" and "key" in record:
-            done[record.get("output", "")] = record["key"]
-    return done
+        if isinstance(record, dict) and isinstance(record.get("output"), str):
+            last[record["output"]] = record
+    return last
+
+
+def _append_records(report: Path, records: list[dict[str, Any]]) -> None:
+    """Many records in one write and one fsync (a dispatched record per image of a large collection)."""
+    report.parent.mkdir(parents=True, exist_ok=True)
+    with report.open("a") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in records))
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _read(row: dict[str, Any], salt: bytes) -> dict[str, Any]:
@@ -191,16 +203,20 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
 
     manifest = load_manifest(args.engines)  # every file hashed once, here: a bad directory stops the job
     salt = options_salt(args, manifest.identity)
-    done_before, root = _finished(args.report), args.out.resolve()
+    last, root = _last_records(args.report), args.out.resolve()
     # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
     # threads: it is file I/O); every other image's key is computed by the read task that loads it.
-    candidates = [job for job in jobs if str(job.target) in done_before and job.target.is_file()]
+    candidates = [job for job in jobs if last.get(str(job.target), {}).get("status") == "ok" and job.target.is_file()]
     with ThreadPoolExecutor(8) as pool:
         keys = dict(zip(candidates, pool.map(lambda job: _file_key(job.source, salt), candidates), strict=True))
     items, skipped = [], 0
     for job in jobs:
-        finished = job in keys and keys[job] == done_before[str(job.target)]
-        if job.skip or finished:
+        before = last.get(str(job.target), {})
+        finished = job in keys and keys[job] == before.get("key")
+        # An output this job's report names without an ok record is unfinished (an actor wrote it after its
+        # driver died, before the record): restored again, not kept as "output exists".
+        unfinished = before.get("status") == "dispatched"
+        if finished or (job.skip and not unfinished):
             skipped += 1
             reason = "finished by a previous run" if finished else "output exists (--on-exists skip)"
             append_report(args.report, {"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
@@ -208,6 +224,10 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
             continue
         seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
         items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, "")})
+    # Before any actor can write an output, the report names it: whatever happens to the driver from here
+    # on, an output without a later ok record is known to be unfinished.
+    _append_records(args.report, [{"input": item["source"], "status": "dispatched", "output": item["target"]}
+                                  for item in items])
     failures, done, interrupted = list(problems), 0, False
     shown = BatchProgress(len(items), quiet=args.quiet)
     try:

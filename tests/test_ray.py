@@ -49,6 +49,9 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
     assert first.returncode == 1, first.stderr[-3000:]
     assert f"restored {good}, skipped 0, failed 2 of 12" in first.stderr
     records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    dispatched = [r for r in records if r["status"] == "dispatched"]  # each named before any actor wrote it
+    assert len(dispatched) == 12 and records[:12] == dispatched
+    records = records[12:]
     assert sorted(r["status"] for r in records) == ["failed"] * 2 + ["ok"] * good
     failed = {Path(r["input"]).name: r["error"] for r in records if r["status"] == "failed"}
     assert "damaged" in failed["broken.png"] and "empty" in failed["empty.jpg"]
@@ -60,7 +63,7 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
 
     again = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
     assert f"restored 0, skipped {good}, failed 2 of 12" in again.stderr, again.stderr[-3000:]
-    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()][len(records):]
+    records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()][12 + len(records):]
     assert sum(r["status"] == "skipped" and r["reason"] == "finished by a previous run" for r in records) == good
 
 
@@ -85,6 +88,7 @@ def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engi
     assert job.returncode == 1, err[-3000:]
     assert f"restored {good}, skipped 0, failed 2 of 12" in err
     records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
+    records = [r for r in records if r["status"] != "dispatched"]
     inputs = [r["input"] for r in records]
     assert len(inputs) == len(set(inputs)) == 12  # nothing lost, nothing duplicated
     assert sum(r["status"] == "ok" for r in records) == good
@@ -92,6 +96,55 @@ def test_an_actor_killed_mid_job_loses_nothing_and_duplicates_nothing(micro_engi
         if r["status"] == "ok":
             Image.open(r["output"]).load()  # whole files
     assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no temporary file left behind
+
+
+def _last_records(report: Path) -> dict[str, dict]:
+    last = {}
+    for line in report.read_text().splitlines():
+        record = json.loads(line)
+        last[record.get("output", record["input"])] = record
+    return last
+
+
+def test_a_killed_driver_leaves_no_output_without_its_record(micro_engines, tmp_path):
+    """SIGKILL the driver once the first output exists: Ray stops its actors (within the bound asserted here),
+    and an output they wrote after the driver died, which no ok record names, is restored again by the re-run
+    (with its score and seed recorded), never kept as "output exists"."""
+    import os
+    import signal
+    import time
+
+    good = _collection(tmp_path / "in")
+    out = tmp_path / "ray"
+    options = ["--steps", "30", "--threads", "1", "--quiet"]  # long enough for images to be in flight
+    cmd = [sys.executable, "-m", "adaptbir.serve.cli", "restore", str(tmp_path / "in"), "-o", str(out),
+           "--engines", str(micro_engines), *options]
+    job = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not list(out.rglob("*.png")) and time.monotonic() < deadline and job.poll() is None:
+        time.sleep(0.05)
+    os.kill(job.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    job.wait()
+    outputs, last_new = len(list(out.rglob("*.png"))), 0.0
+    while time.monotonic() - killed < 30:  # Ray's job ownership stops the actors of a dead driver
+        time.sleep(0.2)
+        if len(list(out.rglob("*.png"))) != outputs:
+            outputs, last_new = len(list(out.rglob("*.png"))), time.monotonic() - killed
+    actors = subprocess.run(["pgrep", "-f", r"MapWorker\(Map\(Restorer\)"], capture_output=True, text=True)
+    assert not actors.stdout and last_new < 10, (actors.stdout, last_new)  # measured: last output 1.6 s after
+    before = _last_records(out / "report.jsonl")
+    orphans = [p for p in out.rglob("*.png") if before.get(str(p), {}).get("status") != "ok"]
+    assert orphans and outputs < good, (orphans, outputs)  # outputs without their record, images left to do
+
+    again = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), *options)
+    assert again.returncode == 1 and "failed 2 of 12" in again.stderr, again.stderr[-3000:]
+    after = _last_records(out / "report.jsonl")
+    assert sorted(after[str(p)]["status"] for p in out.rglob("*.png")) == ["ok"] * good
+    assert not any(r.get("reason") == "output exists (--on-exists skip)" for r in after.values())
+    for orphan in orphans:  # restored again: its record has the score and seed the first run lost
+        assert after[str(orphan)]["seed"] is not None and "score" in after[str(orphan)]
+        Image.open(orphan).load()
 
 
 @pytest.fixture
