@@ -7,6 +7,7 @@ validates feeds against it without torch. Dimensions are ints or the symbolic na
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -120,6 +121,70 @@ MUSIQ = GraphSpec(
 )
 
 GRAPHS: dict[str, GraphSpec] = {g.name: g for g in (DUAL_ENCODER, UNET, DECODER, MUSIQ)}
+# Symbolic dimensions each directory fixes once (the exporter resolves the context width); the others vary
+# per call and must stay symbolic, or the graph would refuse the next image size.
+PER_DIRECTORY_DIMS = frozenset({"C"})
+
+# ---------------------------------------------------------------------------------- agreeing with a spec
+
+
+def _per_call(contract: Dim, declared: Dim) -> bool:
+    """A manifest's dimension against the runtime's contract."""
+    if isinstance(contract, str) and contract in PER_DIRECTORY_DIMS:
+        return declared == contract or (isinstance(declared, int) and declared >= 1)
+    return declared == contract
+
+
+def _in_graph(declared: Dim, found: Dim | None) -> bool:
+    """An ONNX graph's dimension (None: unnamed) against the manifest's: fixed ones equal, symbolic ones
+    not fixed (the dim_param's name is a label only)."""
+    return found == declared if isinstance(declared, int) else not isinstance(found, int)
+
+
+def _tensor_problems(kind: str, expected: tuple[TensorSpec, ...], found: tuple[TensorSpec, ...],
+                     agree: Callable[[Dim, Dim | None], bool]) -> list[str]:
+    names = [t.name for t in expected]
+    if [t.name for t in found] != names:  # the runtime feeds by name and unpacks outputs by position
+        return [f"{kind} {[t.name for t in found]}, expected {names}"]
+    return [f"{kind[:-1]} {got.name!r} is {got.dtype} {list(got.dims)}, expected {want.dtype} {list(want.dims)}"
+            for want, got in zip(expected, found, strict=True)
+            if got.dtype != want.dtype or len(got.dims) != len(want.dims)
+            or not all(map(agree, want.dims, got.dims))]
+
+
+def contract_problems(declared: GraphSpec) -> list[str]:
+    """How a manifest's declared graph differs from what the runtime feeds and reads (names, dtypes, ranks,
+    fixed dimensions); an unknown graph name has no contract."""
+    contract = GRAPHS.get(declared.name)
+    if contract is None:
+        return [f"graph {declared.name!r} is not one this runtime runs ({', '.join(GRAPHS)})"]
+    return [problem for kind in ("inputs", "outputs")
+            for problem in _tensor_problems(kind, getattr(contract, kind), getattr(declared, kind), _per_call)]
+
+
+def onnx_tensor(value: Any) -> TensorSpec:
+    """An ONNX ValueInfoProto as a TensorSpec: dim_value → int, dim_param → its name, neither → None."""
+    import onnx
+
+    kind = value.type.WhichOneof("value")
+    if kind != "tensor_type":
+        return TensorSpec(value.name, (), f"a {kind} (not a tensor)")
+    tensor = value.type.tensor_type
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+    except (KeyError, ValueError, TypeError):
+        dtype = f"ONNX element type {tensor.elem_type}"
+    if not tensor.HasField("shape"):
+        return TensorSpec(value.name, (), f"{dtype} of no declared shape")
+    dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor.shape.dim)
+    return TensorSpec(value.name, dims, dtype)
+
+
+def onnx_problems(declared: GraphSpec, graph: Any) -> list[str]:
+    """How an ONNX GraphProto's own inputs and outputs differ from the manifest's declaration: a renamed,
+    retyped, re-ranked or resized tensor, or another graph's file altogether."""
+    return [problem for kind in ("inputs", "outputs") for problem in _tensor_problems(
+        kind, getattr(declared, kind), tuple(map(onnx_tensor, getattr(graph, kind[:-1]))), _in_graph)]
 
 # ------------------------------------------------------------------------------------------ sample inputs
 

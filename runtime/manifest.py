@@ -6,16 +6,21 @@ against `manifest.schema.json`.
 
 A directory is closed: every file the runtime opens (graphs, their external data, TensorRT plans, the
 context) is listed under `files` by a relative name with its size and sha256; names are plain paths inside
-the directory (no absolute paths, no `..`), symlinks must stay inside it, and an ONNX graph may reference
-only the external-data file its entry lists. These checks do not depend on the ONNX Runtime version.
+the directory (no absolute paths, no `..`), symlinks must stay inside it, and no tensor anywhere in an ONNX
+graph reaches a file but the external-data file its entry lists. The manifest is parsed within bounds, its
+sections are required and typed, and they agree with each other and with the graph files, so a directory
+that loads can restore. These checks do not depend on the ONNX Runtime version.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,10 +28,12 @@ from typing import Any
 import numpy as np
 
 from . import __version__
+from .arguments import STEPS
 from .atomic import atomic_write
 from .errors import EngineError
 from .gating import RULE
-from .graphs import GRAPHS, GraphSpec, TensorSpec
+from .graphs import GRAPHS, GraphSpec, TensorSpec, contract_problems, onnx_problems
+from .sampler import check_schedule
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -232,12 +239,15 @@ class Manifest:
         return _json(self)
 
     def write(self, directory: Path) -> Manifest:
-        """Validate (schema, listed files) and write `directory/manifest.json` atomically."""
+        """Validate (JSON values, schema, listed files, consistency) and write `directory/manifest.json`
+        atomically: the builder never writes a manifest the runtime would refuse."""
         directory = Path(directory)
         data = self.to_dict()
+        parse_manifest(directory / MANIFEST, json.dumps(data).encode())  # never a value the reader refuses
         _check_schema(directory / MANIFEST, data)
         manifest = replace(self, directory=directory)
         manifest._check_listed()
+        manifest._check_consistent()
         write_json_atomic(directory / MANIFEST, data)
         return manifest
 
@@ -304,8 +314,45 @@ class Manifest:
             used.update({p.file: f"TensorRT plan of {name}" for name, p in self.tensorrt.plans.items()})
         return used
 
+    @property
+    def max_steps(self) -> int:
+        """The most sampling steps this directory's schedule allows: its timesteps, at most the runtime's
+        limit (`arguments.STEPS`). Every count from 2 to this was checked at load (`check_schedule`)."""
+        return min(STEPS[1], self.schedule.timesteps)
+
+    @property
+    def _where(self) -> Path | str:
+        return self.directory / MANIFEST if self.directory else MANIFEST
+
+    def _check_consistent(self) -> None:
+        """Sections that must agree for a restore to run at all: each declared graph with what the runtime
+        feeds and reads, the context with the UNet's context input, the schedule with every step count."""
+        problems = [f"graph {name}: {problem}" for name, g in self.graphs.items()
+                    for problem in contract_problems(GraphSpec(name, g.inputs, g.outputs))]
+        if not problems:
+            problems += self._context_problems()
+        schedule = self.schedule
+        try:
+            check_schedule(schedule.linear_start, schedule.linear_end, schedule.timesteps, self.max_steps)
+        except ValueError as err:
+            problems.append(f"schedule: {err}")
+        if not 2 <= schedule.default_steps <= self.max_steps:
+            problems.append(f"schedule: default_steps {schedule.default_steps} is not in 2..{self.max_steps}")
+        if self.musiq.n_min > self.musiq.n_max:
+            problems.append(f"musiq: n_min {self.musiq.n_min} is above n_max {self.musiq.n_max}")
+        if problems:
+            raise EngineError(f"{self._where}: inconsistent manifest: {'; '.join(problems)}; {REBUILD}")
+
+    def _context_problems(self) -> list[str]:
+        """The context file is fed as the UNet's `context` input [B, 77, C] (77 and C as fixed there)."""
+        declared = next(t.dims for t in self.graphs["unet"].inputs if t.name == "context")
+        shape = self.context.shape
+        if all(not isinstance(want, int) or got == want for got, want in zip(shape[1:], declared[1:], strict=True)):
+            return []
+        return [f"context shape {list(shape)} does not fit the UNet's context input {list(declared)}"]
+
     def _check_listed(self) -> None:
-        where = self.directory / MANIFEST if self.directory else MANIFEST
+        where = self._where
         unlisted = [f"{file} ({what})" for file, what in self.referenced_files().items() if file not in self.files]
         if unlisted:
             raise EngineError(f"{where}: not listed under `files` with a sha256: {', '.join(unlisted)}; {REBUILD}")
@@ -343,18 +390,13 @@ def _nearby(directory: Path) -> str:
 
 
 def read_manifest(directory: str | Path) -> Manifest:
-    """The manifest alone, validated (schema, versions, gating rule, listed names), its files unchecked:
-    for the builder, which checks each file it reuses itself."""
+    """The manifest alone, validated (schema, versions, gating rule, listed names, consistency), its files
+    unchecked: for the builder, which checks each file it reuses itself."""
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"engine directory {directory} does not exist; {_nearby(directory)}")
     path = directory / MANIFEST
-    if not path.is_file():
-        raise EngineError(f"{directory} has no {MANIFEST}: not an engine directory; {_nearby(directory)}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise EngineError(f"cannot read {path}: {err}; {REBUILD}") from err
+    data = parse_manifest(path, _manifest_bytes(directory))
     _check_versions(path, data)
     _check_schema(path, data)
     if data["gating"] != RULE:
@@ -362,7 +404,113 @@ def read_manifest(directory: str | Path) -> Manifest:
                           f"{RULE['rule']!r}; {REBUILD}")
     manifest = Manifest.from_dict(data, directory)
     manifest._check_listed()
+    manifest._check_consistent()
     return manifest
+
+
+# ----------------------------------------------------------------------------------- reading the JSON
+
+MANIFEST_MAX_BYTES = 16 * 2**20  # real manifests are a few KiB
+JSON_MAX_DEPTH = 32  # real manifests nest 7 levels deep
+INT64 = 2**63
+
+
+class _Refused(ValueError):
+    """A JSON value no manifest holds, raised from inside json's parse hooks."""
+
+
+def _manifest_bytes(directory: Path) -> bytes:
+    """manifest.json follows the rule of every listed file: a regular file inside the directory (symlinks
+    resolved), and of a bounded size, so a FIFO, a device or a huge file is refused before it is read."""
+    path = directory / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        raise EngineError(f"{directory} has no {MANIFEST}: not an engine directory; {_nearby(directory)}")
+    resolved = _resolved(path)
+    if resolved is None:
+        raise EngineError(f"{path} is a symlink loop; {REBUILD}")
+    if not resolved.is_relative_to(directory.resolve()):
+        raise EngineError(f"{path} leaves the engine directory (it resolves to {resolved}); {REBUILD}")
+    try:
+        if not resolved.is_file():
+            raise EngineError(f"{path} is not a regular file; {REBUILD}")
+        with resolved.open("rb") as f:
+            raw = f.read(MANIFEST_MAX_BYTES + 1)
+    except OSError as err:
+        raise EngineError(f"cannot read {path}: {err}; {REBUILD}") from err
+    if len(raw) > MANIFEST_MAX_BYTES:
+        raise EngineError(f"{path} is larger than {MANIFEST_MAX_BYTES // 2**20} MiB: not a manifest; {REBUILD}")
+    return raw
+
+
+def _resolved(path: Path) -> Path | None:
+    """`path` with every symlink followed; None for a loop (RuntimeError before Python 3.13, then OSError)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return None
+
+
+def parse_manifest(path: Path, raw: bytes) -> Any:
+    """JSON as a manifest holds it: finite numbers, integers within 64 bits, no duplicate keys, nesting
+    and strings bounded (each a one-line EngineError naming `path`, never a traceback)."""
+    try:
+        data = json.loads(raw.decode("utf-8"), parse_int=_int, parse_float=_float, parse_constant=_constant,
+                          object_pairs_hook=_object)
+        _check_values(data)
+    except RecursionError:
+        raise EngineError(f"cannot read {path}: nested deeper than {JSON_MAX_DEPTH} levels; {REBUILD}") from None
+    except (UnicodeDecodeError, ValueError) as err:  # _Refused and json.JSONDecodeError are ValueErrors
+        raise EngineError(f"cannot read {path}: {err}; {REBUILD}") from err
+    return data
+
+
+def _shortened(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def _int(text: str) -> int:
+    # The length first: int() of thousands of digits is slow, and refused by Python itself above 4300.
+    value = int(text) if len(text) <= 20 else None
+    if value is None or not -INT64 <= value < INT64:
+        raise _Refused(f"integer {_shortened(text, 24)} is outside the 64-bit range")
+    return value
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {_shortened(text, 24)} is not finite")
+    return value
+
+
+def _constant(text: str) -> float:
+    raise _Refused(f"{text} is not a finite number")
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:  # readers disagree on which duplicate wins
+            raise _Refused(f"key {_shortened(key, 40)!r} appears twice in one object")
+        data[key] = value
+    return data
+
+
+def _check_values(data: Any) -> None:
+    """Nesting depth and strings (a lone surrogate cannot be printed or written), without recursion."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _Refused(f"string {_shortened(value, 40)!r} holds a lone surrogate") from None
+        elif isinstance(value, (dict, list)):
+            if depth > JSON_MAX_DEPTH:
+                raise _Refused(f"nested deeper than {JSON_MAX_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in ([*value, *value.values()] if isinstance(value, dict)
+                                                         else value))
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -382,20 +530,32 @@ def _check_versions(path: Path, data: Any) -> None:
     except (KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
+        wanted = wanted if isinstance(wanted, dict) else {}
         raise EngineError(
-            f"{path}: built for runtime versions {wanted.get('min')} ≤ v < {wanted.get('below')}, "
-            f"this runtime is {__version__}; {REBUILD}"
+            f"{path}: built for runtime versions {_shortened(str(wanted.get('min')), 40)} ≤ v < "
+            f"{_shortened(str(wanted.get('below')), 40)}, this runtime is {__version__}; {REBUILD}"
         )
 
 
-def _check_schema(path: Path, data: dict[str, Any]) -> None:
+@lru_cache(maxsize=1)
+def _validator() -> Any:
     import jsonschema
 
-    try:
-        jsonschema.validate(data, schema())
-    except jsonschema.ValidationError as err:
-        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise EngineError(f"{path}: invalid manifest at {where}: {err.message}; {REBUILD}") from err
+    base = jsonschema.Draft202012Validator
+    # JSON Schema counts 1.0 as an integer; the runtime would then hand a float to range() or numpy.
+    checker = base.TYPE_CHECKER.redefine("integer", lambda _, value: isinstance(value, int)
+                                         and not isinstance(value, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)(schema())
+
+
+def _check_schema(path: Path, data: dict[str, Any]) -> None:
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(data))
+    if error is not None:
+        where = "/".join(str(p) if isinstance(p, int) else repr(p)[1:-1] for p in error.absolute_path)
+        raise EngineError(f"{path}: invalid manifest at {where or '(top level)'}: "
+                          f"{_shortened(error.message.replace(chr(10), ' '), 200)}; {REBUILD}")
 
 
 def _check_name(where: Path | str, name: str) -> None:
@@ -407,52 +567,192 @@ def _check_name(where: Path | str, name: str) -> None:
                           f"itself; {REBUILD}")
 
 
+# ---------------------------------------------------------------------------------------- the files
+
+
 def check_files(manifest: Manifest, verify: bool = True) -> None:
     """Every listed file is a regular file inside the directory (symlinks resolved) with the recorded size
-    (and, with `verify`, sha256); each graph references only its listed external data."""
+    (and, with `verify`, sha256); then each ONNX graph, parsed once: it reaches no file but its listed
+    external data (`_content_problems`), and its inputs and outputs are the ones its entry declares."""
     directory = manifest.directory
     root = directory.resolve()
     problems = []
     for name, record in manifest.files.items():
-        file = directory / name
-        resolved = file.resolve()
-        if not resolved.is_relative_to(root):
+        resolved = _resolved(directory / name)
+        if resolved is None:
+            problems.append(f"{name} is a symlink loop")
+        elif not resolved.is_relative_to(root):
             problems.append(f"{name} leaves the engine directory (it resolves to {resolved})")
         elif not resolved.is_file():
-            problems.append(f"{name} is missing")
+            problems.append(f"{name} is missing" if not resolved.exists() else f"{name} is not a regular file")
         elif resolved.stat().st_size != record.bytes or (verify and sha256_file(resolved) != record.sha256):
             problems.append(f"{name} does not match its recorded sha256 (modified, swapped or truncated)")
     if not problems:
-        for graph_name, graph in manifest.graphs.items():
-            problems += _external_data_problems(directory / graph.file, graph_name, graph.external_data)
+        for graph_name in manifest.graphs:
+            problems += _graph_problems(manifest, graph_name)
     if problems:
         raise EngineError(f"engine directory {directory}: " + "; ".join(problems) + f"; {REBUILD}")
 
 
-def _external_data_problems(path: Path, graph: str, listed: str | None) -> list[str]:
-    """The external-data files `path` references must be exactly the one its entry lists (which the
-    manifest's own checks confine and hash): a graph cannot pull in any other file."""
+def _graph_problems(manifest: Manifest, name: str) -> list[str]:
     import onnx
 
-    try:
-        model = onnx.load(str(path), load_external_data=False)
+    entry = manifest.graphs[name]
+    try:  # the graph alone: its external data is never read here
+        model = onnx.load(str(manifest.path(name)), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and friends
-        return [f"{path.name} is not a readable ONNX graph ({type(err).__name__}: {err})"]
-    used = {entry.value for tensor in _tensors(model.graph) if tensor.data_location == onnx.TensorProto.EXTERNAL
-            for entry in tensor.external_data if entry.key == "location"}
-    foreign = sorted(used - {listed})
+        return [f"{entry.file} is not a readable ONNX graph ({type(err).__name__}: {_first_line(err)})"]
+    extent = manifest.files[entry.external_data].bytes if entry.external_data else 0
+    problems = _content_problems(model, entry.external_data, extent)
+    mismatches = onnx_problems(GraphSpec(name, entry.inputs, entry.outputs), model.graph)
+    if mismatches:
+        problems.append("does not match its manifest entry: " + ", ".join(mismatches))
+    return [f"{entry.file} (graph {name}) " + "; ".join(_capped(problems))] if problems else []
+
+
+def _first_line(err: BaseException) -> str:
+    return _shortened((str(err).splitlines() or [""])[0], 200)
+
+
+def _capped(problems: list[str], limit: int = 4) -> list[str]:
+    unique = list(dict.fromkeys(problems))
+    return unique[:limit] + ([f"and {len(unique) - limit} more problems"] if len(unique) > limit else [])
+
+
+# ------------------------------------------------------------------------- what a graph may reach
+#
+# ONNX Runtime and OpenVINO open a tensor's `external_data` location wherever the tensor sits: initializers,
+# sparse tensors, node attributes, subgraphs, model-local functions, training info, and whatever a later
+# ONNX adds. So every message of the model is visited generically, through protobuf's descriptors (only
+# message-typed fields: weights' bytes are never touched), and every TensorProto must keep its data inline
+# or name exactly the listed file, within its recorded size. A field this onnx cannot read might be one a
+# newer ONNX Runtime reads, so unknown fields are refused; so is any node but a standard ONNX operator
+# (another domain's node may be run by an execution provider that opens a file it names, e.g. EPContext).
+
+EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
+_SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
+
+
+@cache
+def _kind(field_: Any) -> int:
+    """How a field holds messages: not at all, one, a list, or a map's values."""
+    if field_.message_type is None:
+        return _SCALAR
+    if field_.message_type.GetOptions().map_entry:
+        return _MAP if field_.message_type.fields_by_name["value"].message_type is not None else _SCALAR
+    repeated = getattr(field_, "is_repeated", None)  # protobuf ≥ 5; `label` is gone in 7
+    return _REPEATED if (field_.label == field_.LABEL_REPEATED if repeated is None else repeated) else _SINGLE
+
+
+@cache
+def _bulky_fields(descriptor: Any) -> tuple[tuple[str, int], ...] | None:
+    """For a message type with bytes fields (a tensor's raw_data: the weights), its message fields as (name,
+    kind), walked one by one so the bytes are never copied; None for the others, which ListFields walks
+    faster (it visits only the fields that are set)."""
+    if not any(f.type == f.TYPE_BYTES for f in descriptor.fields):
+        return None
+    return tuple((f.name, _kind(f)) for f in descriptor.fields if _kind(f) != _SCALAR)
+
+
+def _children(message: Any) -> list[tuple[int, Any]]:
+    """The message-holding fields of `message` that are set, as (kind, value)."""
+    bulky = _bulky_fields(message.DESCRIPTOR)
+    if bulky is None:
+        return [(_kind(f), value) for f, value in message.ListFields()]
+    return [(kind, getattr(message, name)) for name, kind in bulky if kind != _SINGLE or message.HasField(name)]
+
+
+def _messages(root: Any) -> Iterator[Any]:
+    """Every protobuf message inside `root` (itself included), depth first, without recursion."""
+    stack = [root]
+    while stack:
+        message = stack.pop()
+        yield message
+        for kind, value in _children(message):
+            if kind == _SINGLE:
+                stack.append(value)
+            elif kind == _REPEATED:
+                stack.extend(value)
+            elif kind == _MAP:
+                stack.extend(value.values())
+
+
+def _unknown_field_count() -> Any:
+    try:
+        from google.protobuf.unknown_fields import UnknownFieldSet
+    except ImportError:  # protobuf before 4.22
+        return lambda message: len(message.UnknownFields())
+    return lambda message: len(UnknownFieldSet(message))
+
+
+@cache
+def _standard_operator(domain: str, op_type: str) -> bool:
+    import onnx
+
+    return domain in ("", "ai.onnx") and onnx.defs.has(op_type)
+
+
+def _content_problems(model: Any, listed: str | None, extent: int) -> list[str]:
+    """What in the model reaches beyond its listed external data (`extent` bytes), or cannot be vetted."""
+    import onnx
+
+    tensor_type, node_type = onnx.TensorProto.DESCRIPTOR, onnx.NodeProto.DESCRIPTOR
+    unknown_fields = _unknown_field_count()
+    foreign: set[str] = set()
+    problems = []
+    for message in _messages(model):
+        descriptor = message.DESCRIPTOR
+        if unknown_fields(message):
+            problems.append(f"holds a {descriptor.name} with fields this onnx ({onnx.__version__}) does not know")
+        if descriptor is tensor_type:
+            problems += _external_problems(message, listed, extent, foreign)
+        elif descriptor is node_type and not _standard_operator(message.domain, message.op_type):
+            problems.append(f"runs {_shown(message.domain or 'ai.onnx')}.{_shown(message.op_type)}, not a standard "
+                            "ONNX operator")
     if foreign:
-        return [f"{path.name} (graph {graph}) references external data {', '.join(map(repr, foreign))}, but its "
-                f"manifest entry lists {listed!r}"]
+        shown = ", ".join(_shortened(repr(location), 80) for location in sorted(foreign))
+        problems.insert(0, f"references external data {shown}, but its manifest entry lists {listed!r}")
+    return problems
+
+
+def _external_problems(tensor: Any, listed: str | None, extent: int, foreign: set[str]) -> list[str]:
+    """A tensor's external_data (read by ONNX Runtime when data_location is EXTERNAL; refused whenever
+    present, as a reader might follow it anyway) names the listed file, within its size."""
+    import onnx
+
+    entries = [(entry.key, entry.value) for entry in tensor.external_data]
+    if not entries and tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return []
+    info = dict(entries)
+    if len(info) != len(entries) or not info.keys() <= EXTERNAL_KEYS or "location" not in info:
+        keys = _shortened(repr([key for key, _ in entries]), 80)
+        return [f"stores tensor {_shown(tensor.name)!r} externally with keys {keys} (expected location, offset, "
+                "length, checksum, each at most once)"]
+    if info["location"] != listed:
+        foreign.add(info["location"])
+        return []
+    offset, length = _count(info.get("offset", "0")), _count(info.get("length", "0"))
+    if offset is None or length is None or offset + max(length, _nbytes(tensor)) > extent:
+        return [f"reads tensor {_shown(tensor.name)!r} at offset {_shown(info.get('offset', '0'))}, length "
+                f"{_shown(info.get('length', '(its size)'))} of {listed!r}, which holds {extent} bytes"]
     return []
 
 
-def _tensors(graph) -> list:
-    """Every tensor stored in a graph: initializers and tensor attributes, subgraphs included."""
-    found = list(graph.initializer)
-    for node in graph.node:
-        for attribute in node.attribute:
-            found += ([attribute.t] if attribute.HasField("t") else []) + list(attribute.tensors)
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                found += _tensors(sub)
-    return found
+def _shown(text: str) -> str:
+    """Text from a graph, fit for a one-line message: control characters escaped, at most 60 characters."""
+    return _shortened(repr(text)[1:-1], 60)
+
+
+def _count(text: str) -> int | None:
+    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
+
+
+def _nbytes(tensor: Any) -> int:
+    """The tensor's size from its dims and type, which a reader may use instead of `length`."""
+    import onnx
+
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        itemsize = 1
+    return math.prod(max(dim, 0) for dim in tensor.dims) * itemsize

@@ -88,6 +88,29 @@ class Schedule:
         return _spaced(steps, config.linear_start, config.linear_end, config.timesteps)
 
 
+def check_schedule(linear_start: float, linear_end: float, timesteps: int, max_steps: int) -> None:
+    """Raise ValueError unless every spaced schedule of 2..`max_steps` steps is usable: β finite in (0, 1),
+    ᾱ strictly decreasing from 1 and positive, every coefficient finite as the float32 the loop uses.
+
+    A spaced schedule's ᾱ are a subset of the base ones that always holds t = 0 and t = T−1, its β lie in
+    (0, 1) and its posterior coefficients are bounded by 1 and 1/√ᾱ(T−1); so the 2-step and the
+    `max_steps` schedules reach every extreme, and building them checks every step count."""
+    if not 2 <= max_steps <= timesteps:
+        raise ValueError(f"{timesteps} timesteps leave no room for {max_steps} steps (2 ≤ steps ≤ timesteps)")
+    if not 0 < linear_start < linear_end < 1:
+        raise ValueError(f"linear_start {linear_start} and linear_end {linear_end}: need 0 < start < end < 1")
+    alphas_cumprod = base_alphas_cumprod(linear_start, linear_end, timesteps)
+    if not (np.all(np.diff(alphas_cumprod, prepend=1.0) < 0) and alphas_cumprod[-1] > 0):
+        raise ValueError("alphas_cumprod is not strictly decreasing from 1 to a positive value (β rounds to 0 or 1)")
+    for steps in (2, max_steps):
+        with np.errstate(all="ignore"):  # an overflow is the finding, not a warning
+            schedule = Schedule.create(steps, linear_start, linear_end, timesteps)
+            bad = [name for name, values in vars(schedule).items()
+                   if values.dtype == np.float64 and not np.all(np.isfinite(values.astype(np.float32)))]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} not finite in float32 at {steps} steps")
+
+
 @lru_cache(maxsize=16)
 def _spaced(steps: int, linear_start: float, linear_end: float, timesteps: int) -> Schedule:
     return Schedule.create(steps, linear_start, linear_end, timesteps)
