@@ -4,34 +4,47 @@
     adaptbir plan photo.jpg scans/ --engines engines/sd21-fp16
     adaptbir info engines/sd21-fp16
 
-A batch continues past an image that fails, reports it, and exits non-zero. Outputs are written
-atomically, never outside OUTDIR, and never over an input.
+A batch continues past an image that fails, reports it, and exits non-zero. Every place it writes is
+tried before the first image; outputs are written atomically, never outside OUTDIR, and never over an
+input; SIGINT, SIGTERM and SIGHUP stop it after the current image with nothing partial left. Only regular
+files are read, and every printed line escapes the control characters of the names in it.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO, TypeVar
 
 from . import __version__
 from .arguments import DefaultsHelp, check_arguments
+from .atomic import TEMPORARIES, close_temporaries, file_kind, open_regular, open_temporaries, temporaries_for
 from .backends import BACKENDS, CPU_PRECISIONS, backend_status
 from .errors import AdaptBIRError, ArgumentError
 from .image_io import READ_SUFFIXES
 from .manifest import Manifest
 from .plan import bytes_argument
-from .progress import BatchProgress, ImageProgress
+from .progress import BatchProgress, ImageProgress, printable
 
 FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+T = TypeVar("T")
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Print one line (stderr by default) with the control characters of the names in it escaped."""
+    print(printable(line), file=sys.stderr if stream is None else stream)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("restore", help="restore image files or directories", formatter_class=DefaultsHelp,
                        description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
-                       "reported and the batch goes on (exit 1), usage errors exit 2, Ctrl-C exits 130.")
+                       "reported and the batch goes on (exit 1), usage errors exit 2; Ctrl-C, SIGTERM or SIGHUP stop "
+                       "it after the current image (exit 128 + the signal: 130, 143, 129).")
     restore_arguments(r)
     p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
                        formatter_class=DefaultsHelp,
@@ -98,14 +112,22 @@ class Job:
     source: Path
     target: Path  # resolved, under OUTDIR
     skip: bool = False  # the output exists and --on-exists is skip
+    temporary_dir: Path | None = None  # where its temporary file is written (None: beside the target)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """What a folder walk picks up, recursively, in a stable order: every entry with an image suffix that is
+    not a folder (a FIFO or device too, to be named as such rather than skipped in silence), never anything
+    in a batch's folder of temporaries."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and not p.is_dir()
+                  and TEMPORARIES not in p.relative_to(folder).parts)
 
 
 def _walk(folder: Path, root: Path) -> list[Path]:
-    """Image files under `folder`, recursively, in a stable order; never anything inside OUTDIR (`root`)."""
+    """`image_files(folder)`, never anything inside OUTDIR (`root`)."""
     if folder.resolve().is_relative_to(root):  # OUTDIR itself included
         raise ArgumentError(f"{folder}: this input folder is the output folder or inside it; choose another -o")
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and p.is_file()
-                  and not p.parent.resolve().is_relative_to(root))
+    return [p for p in image_files(folder) if not p.parent.resolve().is_relative_to(root)]
 
 
 def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> tuple[list[Job], list[str]]:
@@ -120,7 +142,7 @@ def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> tuple[lis
     for item in inputs:
         if item.is_dir():
             found += [(p, p.relative_to(item)) for p in _walk(item, root)]
-        elif item.is_file():
+        elif item.exists():  # a FIFO or device too: refused by name when read, never opened
             found.append((item, Path(item.name)))
         else:
             problems.append(f"{item}: no such file or directory")
@@ -165,20 +187,147 @@ def _check_report(report: Path | None, jobs: list[Job]) -> None:
                             ".jsonl file")
 
 
+# --------------------------------------------------------------------------------------------- signals
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop signal (SIGINT, SIGTERM, SIGHUP) cut an image's reading or restore short."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP, alike, for a whole batch: inside `abandonable()` (reading and restoring
+    an image) the image is dropped at once; anywhere else (an output's write, its record) the work finishes
+    and the batch stops before the next image. A signal that was ignored (nohup, a background job) stays
+    ignored; the previous handlers come back at the end. Main thread only: the one Python signals reach."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._abandon = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        return self.install()
+
+    def install(self) -> StopSignals:
+        """Our handlers; again after a library replaced them (Ray's core worker installs its own SIGTERM
+        handler in `ray.init`, which ends the process at once)."""
+        if threading.current_thread() is threading.main_thread():
+            for number in STOP_SIGNALS:
+                current = signal.getsignal(number)
+                if current is not signal.SIG_IGN and current != self._received:
+                    previous = signal.signal(number, self._received)
+                    self._previous.setdefault(number, previous)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for number, handler in self._previous.items():  # None: set outside Python; the default then
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+
+    def _received(self, signum: int, frame: object) -> None:
+        self.signum = self.signum or signum
+        if self._abandon:
+            self._abandon = False
+            raise Interrupted(self.signum)
+
+    def stopped(self, err: KeyboardInterrupt) -> None:
+        """Note a KeyboardInterrupt that was raised, not signalled (Ctrl-C as Python's default handler
+        turns it into one, or a progress callback)."""
+        self.signum = self.signum or getattr(err, "signum", signal.SIGINT)
+
+    @contextmanager
+    def abandonable(self) -> Iterator[None]:
+        self._abandon = True
+        try:
+            if self.signum:  # checked once armed: a signal just before raises here, one after in the handler
+                raise Interrupted(self.signum)
+            yield
+        finally:
+            self._abandon = False
+
+
+# ------------------------------------------------------------------------------ where the batch writes
+
+
 @contextmanager
-def _writes_complete():
-    """Ctrl-C during a write takes effect after it, so an output and its report line are written whole."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received = []
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+def prepared_outputs(out: Path, report: Path | None, jobs: list[Job]) -> Iterator[list[Job]]:
+    """Every place the batch writes, tried before any image (else an ArgumentError naming the path and
+    why: exit 2): OUTDIR is created with its folder of temporaries, the report opened for appending, and
+    each destination folder created and given a file renamed into it from the temporaries, as each output
+    will be. Yields the jobs with where their temporary files go. On the way out the temporaries go, and
+    so do the folders made here that stayed empty (and, after an error, OUTDIR and an empty report too)."""
+    made: list[Path] = []
+    mine = None
     try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
+        _checked(f"-o {out}", out, _make_folder, out, made)
+        kept = len(made)  # OUTDIR and its parents stay once the batch has run
+        mine = _checked(f"-o {out}: cannot write in it", out, open_temporaries, out)
+        if report is not None:
+            _open_report(report, made)
+        where = {folder: _writable(folder, source, mine, made) for folder, source in _folders(out, jobs).items()}
+        yield [replace(job, temporary_dir=where.get(job.target.parent)) for job in jobs]
+    except BaseException:
+        _remove_empty(made, mine)
+        raise
+    _remove_empty([p for p in made[kept:] if p.is_dir()], mine)
+
+
+def _folders(out: Path, jobs: list[Job]) -> dict[Path, Path | None]:
+    """Each folder that will receive an output, with one input that lands there (OUTDIR itself first)."""
+    folders: dict[Path, Path | None] = {out.resolve(): None}
+    for job in jobs:
+        if not job.skip:
+            folders.setdefault(job.target.parent, job.source)
+    return folders
+
+
+def _writable(folder: Path, source: Path | None, temporaries: Path, made: list[Path]) -> Path | None:
+    what = f"output folder {folder}" + (f" (of {source})" if source else "")
+    _checked(what, folder, _make_folder, folder, made)
+    return _checked(f"{what}: cannot write in it", folder, temporaries_for, folder, temporaries)
+
+
+def _open_report(report: Path, made: list[Path]) -> None:
+    _checked(f"--report {report}", report, _make_folder, report.parent, made)
+    existed = os.path.lexists(report)
+    os.close(_checked(f"--report {report}: cannot open it for appending", report, open_regular, report, APPEND))
+    if not existed:
+        made.append(report)
+
+
+def _make_folder(folder: Path, made: list[Path]) -> None:
+    """`folder` and its missing parents, each one made noted; whatever is in the way is named."""
+    for part in [*reversed(folder.parents), folder]:
+        if part.is_dir():
+            continue
+        if os.path.lexists(part):
+            raise NotADirectoryError(errno.ENOTDIR, f"{part} is a {file_kind(part) or 'file'}, not a folder")
+        part.mkdir(exist_ok=True)
+        made.append(part)
+
+
+def _checked(what: str, path: Path, action: Callable[..., T], *args: Any) -> T:
+    """`action(*args)`, an OSError becoming a one-line usage error: `what`, why, and where if elsewhere."""
+    try:
+        return action(*args)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and Path(err.filename) != path else ""
+        raise ArgumentError(f"{what}: {err.strerror or err}{where}") from None
+
+
+def _remove_empty(paths: list[Path], temporaries: Path | None) -> None:
+    """The folder of temporaries, then each of `paths` that is empty, the deepest first."""
+    if temporaries is not None:
+        close_temporaries(temporaries)
+    for path in reversed(paths):
+        with suppress(OSError):
+            if path.is_dir():
+                path.rmdir()  # only when empty
+            elif path.stat().st_size == 0:
+                path.unlink()
 
 
 def _plan(args) -> int:
@@ -192,9 +341,7 @@ def _plan(args) -> int:
     check_arguments(score=args.score, sr_scale=args.sr_scale, tile_size=args.tile_size)
     manifest = load_manifest(args.engines, verify=False)
     precision = openvino_precision(openvino_core(), args.cpu_precision) if args.backend == "openvino" else None
-    paths = [p for item in args.inputs for p in (
-        sorted(f for f in item.rglob("*") if f.suffix.lower() in READ_SUFFIXES and f.is_file())
-        if item.is_dir() else [item])]
+    paths = [p for item in args.inputs for p in (image_files(item) if item.is_dir() else [item])]
     failed = 0
     for path in paths:
         try:
@@ -202,12 +349,20 @@ def _plan(args) -> int:
             plan = plan_restore(manifest, geometry, backend=args.backend, precision=precision,
                                 tile_size=args.tile_size, score_given=args.score is not None,
                                 memory_budget=args.memory_budget)
-            print(json.dumps({"input": str(path), **plan.record()}) if args.json else f"{path}: {plan.summary()}")
+            _plan_line(args.json, {"input": str(path), **plan.record()}, f"{path}: {plan.summary()}")
         except AdaptBIRError as err:
             failed += 1
             message = without_path(err, path)
-            print(json.dumps({"input": str(path), "error": message}) if args.json else f"{path}: error: {message}")
+            _plan_line(args.json, {"input": str(path), "error": message}, f"{path}: error: {message}")
     return 1 if failed else 0
+
+
+def _plan_line(as_json: bool, record: dict[str, Any], line: str) -> None:
+    """JSON is printed as it is (json.dumps escapes every control character); a line through `say`."""
+    if as_json:
+        print(json.dumps(record))
+    else:
+        say(line, sys.stdout)
 
 
 def check_restore_arguments(args) -> tuple[list[Job], list[str]]:
@@ -224,60 +379,98 @@ def check_restore_arguments(args) -> tuple[list[Job], list[str]]:
     return jobs, problems
 
 
+@dataclass
+class _Tally:
+    failures: list[str]
+    done: int = 0
+    skipped: int = 0
+
+
 def _restore(args) -> int:
-    from .image_io import read_image
+    jobs, problems = check_restore_arguments(args)
+    tally = _Tally(list(problems))
+    with StopSignals() as stop:  # from before the first write to the last line printed
+        with prepared_outputs(args.out, args.report, jobs) as jobs:
+            pipeline = _load(args, stop)
+            shown = BatchProgress(len(jobs), quiet=args.quiet)
+            for job in jobs:
+                if stop.signum or not _run_job(job, pipeline, args, stop, shown, tally):
+                    break
+            shown.close()
+        return finish_batch(tally.done, tally.skipped, tally.failures, len(jobs) + len(problems), args.out,
+                            stop.signum is not None, stop.signum or signal.SIGINT)
+
+
+def _load(args, stop: StopSignals):
+    """The engines (a usage error, exit 2, if they cannot load); None when a stop signal came first."""
     from .pipeline import Pipeline
 
-    jobs, problems = check_restore_arguments(args)
-    pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
-                                     precision=args.cpu_precision, memory_budget=args.memory_budget)
-    failures = list(problems)
-    done = skipped = 0
-    shown = BatchProgress(len(jobs), quiet=args.quiet)
-    interrupted = False
-    for job in jobs:
-        record: dict[str, Any] = {"input": str(job.source), **pipeline.describe()}
-        started = time.perf_counter()
-        progress = shown.image(job.source.name)
-        try:
-            if job.skip:
-                skipped += 1
-                record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
-            else:
+    try:
+        with stop.abandonable():
+            return Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
+                                         precision=args.cpu_precision, memory_budget=args.memory_budget)
+    except KeyboardInterrupt as err:
+        stop.stopped(err)
+        return None
+
+
+def _run_job(job: Job, pipeline, args, stop: StopSignals, shown: BatchProgress, tally: _Tally) -> bool:
+    """One image, then its record; False when the report cannot take the record (the batch stops)."""
+    started = time.perf_counter()
+    record = _restore_job(job, pipeline, args, stop, shown, tally)
+    record["wall_s"] = round(time.perf_counter() - started, 6)
+    try:
+        append_report(args.report, record)
+    except OSError as err:
+        tally.failures.append(f"--report {args.report}: cannot append a record ({err.strerror or err}); stopped")
+        shown.write(f"adaptbir: {tally.failures[-1]}")
+        return False
+    shown.advance()
+    return True
+
+
+def _restore_job(job: Job, pipeline, args, stop: StopSignals, shown: BatchProgress, tally: _Tally
+                 ) -> dict[str, Any]:
+    """Restored and written, skipped, failed or interrupted: the image's report record."""
+    from .image_io import read_image
+
+    record: dict[str, Any] = {"input": str(job.source), **pipeline.describe()}
+    progress = shown.image(job.source.name)
+    try:
+        if job.skip:
+            tally.skipped += 1
+            record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
+        else:
+            with stop.abandonable():  # a stop signal drops the image here; past this point it is finished
                 result = restore_loaded(pipeline, read_image(job.source), args, args.seed, progress)
-                with _writes_complete():
-                    write_output(job, result.image, args)
-                    done += 1
-                    record.update(status="ok", output=str(job.target), **result.record())
-                for warning in result.warnings:
-                    shown.write(f"adaptbir: {job.source}: warning: {warning}")
-            progress.finish(record["status"])
-        except KeyboardInterrupt:  # the current image is abandoned (or, if Ctrl-C came during its write, kept)
-            interrupted = True
-            record.setdefault("status", "interrupted")
-        except Exception as err:  # any per-image failure is recorded and the batch goes on
-            message = without_path(err, job.source)
-            failures.append(f"{job.source}: {message}")
-            record.update(status="failed", error=message)  # the record names the input once, in "input"
-            progress.finish("failed")
-            shown.write(f"adaptbir: {failures[-1]}")
-        record["wall_s"] = round(time.perf_counter() - started, 6)
-        with _writes_complete():
-            append_report(args.report, record)
-        shown.advance()
-        if interrupted:
-            break
-    shown.close()
-    return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
+            write_output(job, result.image, args)
+            tally.done += 1
+            record.update(status="ok", output=str(job.target), **result.record())
+            for warning in result.warnings:
+                shown.write(f"adaptbir: {job.source}: warning: {warning}")
+        progress.finish(record["status"])
+    except KeyboardInterrupt as err:  # the image is abandoned (or, if raised after its write, kept)
+        stop.stopped(err)
+        progress.finish(record.setdefault("status", "interrupted"))
+    except Exception as err:  # any per-image failure is recorded and the batch goes on
+        message = without_path(err, job.source)
+        tally.failures.append(f"{job.source}: {message}")
+        record.update(status="failed", error=message)  # the record names the input once, in "input"
+        progress.finish("failed")
+        shown.write(f"adaptbir: {tally.failures[-1]}")
+    return record
 
 
-def finish_batch(done: int, skipped: int, failures: list[str], total: int, out: Path, interrupted: bool) -> int:
-    """The batch's summary on stderr, and its exit status: 0 all restored, 1 some failed, 130 interrupted."""
+def finish_batch(done: int, skipped: int, failures: list[str], total: int, out: Path, interrupted: bool,
+                 signum: int = signal.SIGINT) -> int:
+    """The batch's summary on stderr, and its exit status: 0 all restored, 1 some failed, 128 + `signum`
+    interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
     verb = "interrupted after" if interrupted else "restored"
-    print(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s) -> {out}", file=sys.stderr)
+    why = f" ({signal.Signals(signum).name})" if interrupted else ""
+    say(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s) -> {out}{why}")
     for failure in failures:
-        print(f"  failed: {failure}", file=sys.stderr)
-    return 130 if interrupted else 1 if failures else 0
+        say(f"  failed: {failure}")
+    return 128 + signum if interrupted else 1 if failures else 0
 
 
 def without_path(err: Exception, source: Path) -> str:
@@ -295,11 +488,11 @@ def restore_loaded(pipeline, image, args, seed: int | None, progress: ImageProgr
 
 
 def write_output(job: Job, out, args) -> None:
-    """Atomic: the output appears whole or not at all."""
+    """Atomic: the output appears whole or not at all (its temporary file in `job.temporary_dir` if set)."""
     from .image_io import write_image
 
     write_image(job.target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif,
-                fmt=args.format, quality=args.quality)
+                fmt=args.format, quality=args.quality, temporary_dir=job.temporary_dir)
 
 
 def append_report(path: Path | None, record: dict[str, Any]) -> None:
@@ -307,7 +500,7 @@ def append_report(path: Path | None, record: dict[str, Any]) -> None:
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with os.fdopen(open_regular(path, APPEND), "a") as f:  # never blocks on a FIFO put in its place
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -348,7 +541,7 @@ def describe_manifest(m: Manifest) -> str:
     if m.tensorrt:
         t = m.tensorrt
         lines.append(f"TensorRT          {t.version} on compute {t.compute_capability}, profile {t.profile}")
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # a name in the manifest cannot add a line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -356,8 +549,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"restore": _restore, "plan": _plan, "info": _info}[args.command](args)
     except AdaptBIRError as err:
-        print(f"adaptbir: error: {err}", file=sys.stderr)
+        say(f"adaptbir: error: {err}")
         return 2
+    except KeyboardInterrupt as err:  # outside a batch (plan, info, a job plan): nothing was written
+        number = getattr(err, "signum", signal.SIGINT)
+        say(f"adaptbir: interrupted ({signal.Signals(number).name})")
+        return 128 + number
 
 
 if __name__ == "__main__":

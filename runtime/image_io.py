@@ -18,7 +18,7 @@ that), and every mode becomes 8-bit RGB:
 * Only the first frame of an animated file is read.
 
 Writing (step 6): PNG, JPEG or WebP, alpha re-attached where the format keeps it (PNG, WebP), ICC and EXIF
-passed on, written atomically (temporary file in the same directory, then `os.replace`).
+passed on, written atomically (a temporary file on the same filesystem, then `os.replace`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from .atomic import atomic_write
+from .atomic import SpecialFileError, atomic_write, open_regular
 from .errors import InputError
 
 ORIENTATION = 0x0112
@@ -78,14 +78,15 @@ class LoadedImage:
 
 
 def _open_file(path: Path) -> BinaryIO:
-    """The file opened for reading, not empty; any problem is an InputError naming it."""
+    """The file opened for reading, not empty; any problem is an InputError naming it. Only a regular file
+    is opened: a FIFO, socket or device is named as such and never read (a FIFO would block forever)."""
     name = str(path)
     try:
-        fh = path.open("rb")
+        fh = os.fdopen(open_regular(path), "rb")
+    except SpecialFileError as err:
+        raise InputError(f"{name}: {err.strerror}") from None
     except FileNotFoundError:
         raise InputError(f"{name}: file not found; check the path") from None
-    except IsADirectoryError:
-        raise InputError(f"{name}: is a directory, expected an image file") from None
     except OSError as err:
         raise InputError(f"{name}: cannot open the file ({err.strerror or err}); check its permissions") from None
     if os.fstat(fh.fileno()).st_size == 0:
@@ -377,8 +378,10 @@ def resize_alpha(alpha: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 
 def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
-                exif: bytes | None = None, fmt: str = "png", quality: int = 95) -> None:
-    """Write atomically as png, jpg/jpeg or webp: a dot-named temporary file, then os.replace.
+                exif: bytes | None = None, fmt: str = "png", quality: int = 95,
+                temporary_dir: Path | None = None) -> None:
+    """Write atomically as png, jpg/jpeg or webp: a temporary file (in `temporary_dir`, on the same
+    filesystem, else a dot-named sibling), then os.replace.
 
     Alpha is kept for png and webp and dropped for jpg; quality applies to jpg and webp. On any error the
     temporary file is removed and the destination is untouched, and the error propagates.
@@ -401,4 +404,4 @@ def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None,
     if exif:
         options["exif"] = exif
 
-    atomic_write(Path(path), lambda f: image.save(f, format=pil_format, **options))
+    atomic_write(Path(path), lambda f: image.save(f, format=pil_format, **options), temporary_dir)

@@ -3,14 +3,38 @@
 On a terminal: an images bar and, per image, a status (stage, tiles) and a steps bar. Elsewhere (a pipe,
 a log file, CI): plain lines, one per stage and one every `every` steps, never a carriage return.
 `quiet`: nothing but errors and the summary.
+
+Every line and bar text goes through `printable`: a file name is data, and a newline or an escape sequence
+in it must not forge a line or reach the terminal.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 import time
 from typing import TextIO
+
+# C0 and C1 controls, DEL, line/paragraph separators, bidi overrides and isolates (they reorder what follows
+# on the line), and lone surrogates (the undecodable bytes of a file name, which stdout cannot even encode).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                     r"\ud800-\udfff]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's stand-in for the byte code - 0xDC00
+        return f"\\x{code - 0xDC00:02x}"
+    return _NAMED.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def printable(text: str) -> str:
+    """`text` safe to print as (part of) one line: every character that could end the line, move the cursor,
+    reorder the text or fail to encode is written as its escape (`\\n`, `\\x1b`, `\\u202e`)."""
+    return _UNSAFE.sub(lambda match: _escaped(match.group()), text)
+
 
 STAGE_NAMES = {"musiq": "scoring (MUSIQ)", "encode": "encoding", "sample": "sampling", "decode": "decoding"}
 
@@ -49,10 +73,12 @@ class BatchProgress:
 
     def image(self, name: str) -> ImageProgress:
         self.index += 1
+        name = printable(name)
         return ImageProgress(self, name, f"[{self.index}/{self.total}] {name}")
 
     def write(self, line: str) -> None:
         """A whole line (an error, a warning), never mixed into a bar."""
+        line = printable(line)
         if self.images_bar is not None:
             self.images_bar.write(line, file=self.stream)
         else:
@@ -68,7 +94,7 @@ class BatchProgress:
         if self.mode == "lines":
             self.write(f"[{self.index}/{self.total}] {name}: {outcome} ({seconds:.1f} s)")
         elif self.mode == "bars":
-            self.images_bar.set_postfix_str(f"{name}: {outcome}", refresh=False)
+            self.images_bar.set_postfix_str(printable(f"{name}: {outcome}"), refresh=False)
         self.advance()
 
     def close(self) -> None:
