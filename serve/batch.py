@@ -30,12 +30,22 @@ import logging
 import math
 import os
 import pickle
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from adaptbir.runtime.cli import Job, append_report, finish_batch, restore_loaded, without_path, write_output
+from adaptbir.runtime.cli import (
+    Job,
+    StopSignals,
+    append_report,
+    finish_batch,
+    prepared_outputs,
+    restore_loaded,
+    without_path,
+    write_output,
+)
 from adaptbir.runtime.errors import ArgumentError
 from adaptbir.runtime.manifest import Manifest
 from adaptbir.runtime.progress import BatchProgress
@@ -188,7 +198,9 @@ class Restorer:
         else:
             try:
                 result = restore_loaded(self.pipeline, pickle.loads(row["image"]), self.args, row["seed"])
-                write_output(Job(Path(row["source"]), Path(row["target"])), result.image, self.args)
+                job = Job(Path(row["source"]), Path(row["target"]),
+                          temporary_dir=Path(row["temporaries"]) if row["temporaries"] else None)
+                write_output(job, result.image, self.args)
                 record.update(status="ok", output=row["target"], **result.record())
             except Exception as err:  # any per-image failure is recorded and the job goes on
                 record.update(status="failed", error=without_path(err, Path(row["source"])))
@@ -198,40 +210,18 @@ class Restorer:
 
 def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     """Run the planned jobs on the cluster of `args.address` (None: a local one); the exit status of
-    `adaptbir restore` (0 all restored, 1 some failed, 130 interrupted: what was written stays whole)."""
+    `adaptbir restore` (0 all restored, 1 some failed, 128 + the signal when SIGINT, SIGTERM or SIGHUP
+    stopped it: what was written stays whole). Every place the job writes is tried first (exit 2)."""
     from adaptbir.runtime.manifest import load_manifest
 
     manifest = load_manifest(args.engines)  # every file hashed once, here: a bad directory stops the job
     salt = options_salt(args, manifest.identity)
-    last, root = _last_records(args.report), args.out.resolve()
-    # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
-    # threads: it is file I/O); every other image's key is computed by the read task that loads it.
-    candidates = [job for job in jobs if last.get(str(job.target), {}).get("status") == "ok" and job.target.is_file()]
-    with ThreadPoolExecutor(8) as pool:
-        keys = dict(zip(candidates, pool.map(lambda job: _file_key(job.source, salt), candidates), strict=True))
-    items, skipped = [], 0
-    for job in jobs:
-        before = last.get(str(job.target), {})
-        finished = job in keys and keys[job] == before.get("key")
-        # An output this job's report names without an ok record is unfinished (an actor wrote it after its
-        # driver died, before the record): restored again, not kept as "output exists".
-        unfinished = before.get("status") == "dispatched"
-        if finished or (job.skip and not unfinished):
-            skipped += 1
-            reason = "finished by a previous run" if finished else "output exists (--on-exists skip)"
-            append_report(args.report, {"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
-                                        "reason": reason, "output": str(job.target)})
-            continue
-        seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
-        items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, "")})
-    # Before any actor can write an output, the report names it: whatever happens to the driver from here
-    # on, an output without a later ok record is known to be unfinished.
-    _append_records(args.report, [{"input": item["source"], "status": "dispatched", "output": item["target"]}
-                                  for item in items])
-    failures, done, interrupted = list(problems), 0, False
-    shown = BatchProgress(len(items), quiet=args.quiet)
-    try:
-        for record in _run(args, manifest, items, salt, shown) if items else ():
+    with StopSignals() as stop, prepared_outputs(args.out, args.report, jobs) as jobs:
+        items, skipped = _dispatch(args, jobs, salt)
+        failures, done = list(problems), 0
+        shown = BatchProgress(len(items), quiet=args.quiet)
+        records = _run(args, manifest, items, salt, shown, stop) if items else iter(())
+        while (record := _next(records, stop)) is not None:
             append_report(args.report, record)
             if record["status"] == "ok":
                 done += 1
@@ -239,19 +229,60 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
                 failures.append(f"{record['input']}: {record['error']}")
                 shown.write(f"adaptbir-ray: {failures[-1]}")
             shown.finished(Path(record["input"]).name, record["status"], record["wall_s"])
-    except KeyboardInterrupt:  # outputs are written atomically by the actors: nothing partial is left
-        interrupted = True
-    shown.close()
-    return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, interrupted)
+        shown.close()
+        return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, stop.signum is not None,
+                            stop.signum or signal.SIGINT)
 
 
-def _run(args, manifest: Manifest, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress):
+def _next(records, stop: StopSignals) -> dict[str, Any] | None:
+    """The next finished image's record; None at the end or once a stop signal came (while waiting: at once;
+    while a record was being appended: after it). Outputs are written atomically by the actors."""
+    try:
+        with stop.abandonable():
+            return next(records, None)
+    except KeyboardInterrupt as err:
+        stop.stopped(err)
+        return None
+
+
+def _dispatch(args, jobs: list[Job], salt: bytes) -> tuple[list[dict[str, Any]], int]:
+    """The images to restore (and how many are skipped), each recorded in the report before any actor may
+    write it: whatever happens to the driver from here on, an output without a later ok record is known to
+    be unfinished."""
+    last, root = _last_records(args.report), args.out.resolve()
+    # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
+    # threads: it is file I/O); every other image's key is computed by the read task that loads it.
+    candidates = [job for job in jobs if last.get(str(job.target), {}).get("status") == "ok" and job.target.is_file()]
+    with ThreadPoolExecutor(8) as pool:
+        keys = dict(zip(candidates, pool.map(lambda job: _file_key(job.source, salt), candidates), strict=True))
+    items, records = [], []
+    for job in jobs:
+        before = last.get(str(job.target), {})
+        finished = job in keys and keys[job] == before.get("key")
+        # An output this job's report names as dispatched and no more is unfinished (an actor wrote it after
+        # its driver died, before the record): restored again, not kept as "output exists".
+        if finished or (job.skip and before.get("status") != "dispatched"):
+            reason = "finished by a previous run" if finished else "output exists (--on-exists skip)"
+            records.append({"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
+                            "reason": reason, "output": str(job.target)})
+            continue
+        seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
+        items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, ""),
+                      "temporaries": str(job.temporary_dir or "")})
+        records.append({"input": str(job.source), "status": "dispatched", "output": str(job.target)})
+    _append_records(args.report, records)
+    return items, len(records) - len(items)
+
+
+def _run(args, manifest: Manifest, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress,
+         stop: StopSignals):
     """The Ray Data pipeline over `items`; yields each image's report record as it finishes."""
     import ray
     import ray.data  # configures its logger on import: quieted after
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING)
+    stop.install()  # ray.init replaced the SIGTERM handler with one that ends the driver at once
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress is ours: one line or bar per image
     ray.data.DataContext.get_current().enable_progress_bars = False
     nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("memory", 0.0))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from adaptbir.runtime.arguments import DefaultsHelp
-from adaptbir.runtime.cli import check_restore_arguments, restore_arguments
+from adaptbir.runtime.cli import check_restore_arguments, restore_arguments, say
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.plan import bytes_argument
 
@@ -58,26 +58,47 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--max-bytes", type=bytes_argument, default="50M", help="largest upload (413 above)")
     v.add_argument("--max-pixels", type=int, default=64 * 2**20, help="largest image in pixels (413 above)")
     v.add_argument("--max-steps", type=int, default=200, help="most sampling steps a request may ask (422 above)")
+    v.add_argument("--read-timeout", type=float, default=10.0, help="seconds one read of an upload may wait for "
+                   "data (408 beyond: a stalled client is cut off)")
+    v.add_argument("--body-timeout", type=float, default=60.0, help="seconds a whole upload may take (408 beyond: "
+                   "a trickling client is cut off)")
+    v.add_argument("--request-timeout", type=float, help="seconds from a complete upload to its result, queue "
+                   "included (504 beyond, the restore cancelled at its next step); default: no limit")
+    v.add_argument("--max-buffered", type=bytes_argument, help="upload bytes held at once, all requests together "
+                   "(503 beyond; default: 16 × --max-bytes)")
     _cluster_arguments(v)
     return parser
 
 
-def _serve(args) -> int:
+def _check_serve_arguments(args: argparse.Namespace) -> None:
+    """Each of `serve`'s numbers within its range (ArgumentError: a usage error)."""
+    for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps"):
+        if getattr(args, name) < 1:
+            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    for name in ("read_timeout", "body_timeout", "request_timeout"):
+        value = getattr(args, name)
+        if value is not None and not 0 < value < float("inf"):
+            raise ArgumentError(f"--{name.replace('_', '-')} must be a positive number of seconds, not {value}")
+    if args.max_buffered is not None and args.max_buffered < args.max_bytes:
+        raise ArgumentError(f"--max-buffered {args.max_buffered} must hold one upload of --max-bytes {args.max_bytes}")
+
+
+def _serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from adaptbir.runtime.manifest import load_manifest
 
     from .service import Limits, start
 
-    for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps"):
-        if getattr(args, name) < 1:
-            raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    _check_serve_arguments(args)
+    limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_steps=args.max_steps,
+                    read_timeout=args.read_timeout, body_timeout=args.body_timeout,
+                    request_timeout=args.request_timeout, max_buffered=args.max_buffered)
     # A bad directory is one line here, not a replica crash loop (shipping hashes every file itself).
     load_manifest(args.engines, verify=not args.ship_engines)
     start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
           max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-          limits=Limits(args.max_bytes, args.max_pixels, args.max_steps), address=args.address,
-          ship_engines=args.ship_engines, engine_cache=args.engine_cache)
+          limits=limits, address=args.address, ship_engines=args.ship_engines, engine_cache=args.engine_cache)
     print(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
     try:
         while True:
@@ -98,14 +119,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ArgumentError(f"--actors must be at least 1, not {args.actors}")
         if args.num_gpus_per_actor < 0:
             raise ArgumentError(f"--num-gpus-per-actor must be ≥ 0, not {args.num_gpus_per_actor}")
-        jobs, problems = check_restore_arguments(args)
         if args.report is None:  # the report is what a re-run resumes from
             args.report = args.out / "report.jsonl"
+        jobs, problems = check_restore_arguments(args)
         from .batch import restore_on_ray
 
         return restore_on_ray(args, jobs, problems)
     except AdaptBIRError as err:
-        print(f"adaptbir-ray: error: {err}", file=sys.stderr)
+        say(f"adaptbir-ray: error: {err}")
         return 2
 
 
