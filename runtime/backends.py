@@ -320,15 +320,19 @@ class Engines:
         outputs = self.sessions[name].run(feeds)
         if timings is not None:
             timings["engine_s"] = timings.get("engine_s", 0.0) + time.perf_counter() - start
-        check_finite(name, outputs, (t.name for t in spec.outputs))
+        precision = "fp32" if name == "musiq" else self.compute_precision  # MUSIQ always runs in f32
+        check_finite(name, outputs, (t.name for t in spec.outputs), precision)
         return outputs
 
 
-def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str]) -> None:
+def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str], precision: str = "fp16") -> None:
+    """Outputs with NaN/inf are an error that says what to try: for reduced precision (fp16, bf16) the fp32
+    directory; in fp32 the weights or the inputs (the arguments are bounded, so a NaN there is not theirs)."""
     for name, array in zip(names, outputs, strict=True):
         if not np.all(np.isfinite(array)):
             bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-            raise EngineError(
-                f"{graph} produced {bad} NaN/inf value(s) in '{name}' (an fp16 overflow?); try the fp32 engine "
-                "directory (adaptbir-export build --precision fp32)"
-            )
+            hint = ("an fp32 overflow or NaN weights: check the checkpoint the directory was built from"
+                    if precision in ("fp32", "f32") else
+                    f"an {precision} overflow?; try the fp32 engine directory (adaptbir-export build --precision "
+                    "fp32)" + (" or --cpu-precision f32" if precision == "bf16" else ""))
+            raise EngineError(f"{graph} produced {bad} NaN/inf value(s) in '{name}' ({hint})")

@@ -407,8 +407,10 @@ def _load(args, stop: StopSignals):
 
     try:
         with stop.abandonable():
-            return Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
-                                         precision=args.cpu_precision, memory_budget=args.memory_budget)
+            pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
+                                             precision=args.cpu_precision, memory_budget=args.memory_budget)
+        check_arguments(steps=args.steps, max_steps=pipeline.max_steps)  # this directory's schedule
+        return pipeline
     except KeyboardInterrupt as err:
         stop.stopped(err)
         return None

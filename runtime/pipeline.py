@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import __version__
-from .arguments import STEPS, check_arguments, check_memory_budget
+from .arguments import check_arguments, check_memory_budget
 from .backends import Engines
 from .errors import ArgumentError
 from .gating import Gate
@@ -87,7 +87,7 @@ class Pipeline:
     @property
     def max_steps(self) -> int:
         """The most sampling steps this directory's schedule allows (its timesteps, at most 1000)."""
-        return min(STEPS[1], self.manifest.schedule.timesteps)
+        return self.manifest.max_steps
 
     def score(self, image_u8: np.ndarray) -> float:
         """MUSIQ score of a uint8 HxWx3 image, as the pipeline measures it (on the padded image)."""

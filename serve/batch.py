@@ -36,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from adaptbir.runtime.arguments import check_arguments
 from adaptbir.runtime.cli import (
     Job,
     StopSignals,
@@ -215,6 +216,7 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
     from adaptbir.runtime.manifest import load_manifest
 
     manifest = load_manifest(args.engines)  # every file hashed once, here: a bad directory stops the job
+    check_arguments(steps=args.steps, max_steps=manifest.max_steps)  # this directory's schedule
     salt = options_salt(args, manifest.identity)
     with StopSignals() as stop, prepared_outputs(args.out, args.report, jobs) as jobs:
         items, skipped = _dispatch(args, jobs, salt)

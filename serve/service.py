@@ -253,8 +253,8 @@ class RestoreService:
         steps = options.get("steps", 50)  # Pipeline.restore's default
         if steps > self.limits.max_steps:
             raise Rejected(422, f"steps={steps} is above this service's limit of {self.limits.max_steps}")
-        try:
-            check_arguments(**options)  # the runtime's own ranges; the engines' schedule is checked by the worker
+        try:  # the runtime's own ranges, the engines' schedule included
+            check_arguments(**options, max_steps=self.engine["max_steps"])
         except ArgumentError as err:
             raise Rejected(422, str(err)) from None
         return options
@@ -453,9 +453,10 @@ class RestoreWorker:
         self.counts = Counts(serve.get_replica_context().replica_id.unique_id)
 
     def describe(self) -> dict:
-        """Pipeline.describe() with the engine directory's name only (no server path)."""
+        """Pipeline.describe() with the engine directory's name only (no server path), and the most steps
+        its schedule allows."""
         info = self.pipeline.describe()
-        return {**info, "engines": Path(info["engines"]).name}
+        return {**info, "engines": Path(info["engines"]).name, "max_steps": self.pipeline.max_steps}
 
     async def restore(self, body: bytes, options: dict, timeout: float | None) -> Reply:
         cancel = threading.Event()

@@ -28,6 +28,11 @@ VALID = [("memory_budget", "12"), ("memory_budget", 1e39), ("memory_budget", 2**
          ("score", 2**80), ("score", -(2**80)), ("resize_back", True)]
 
 
+def _id(value: object) -> str:
+    """A test id that is the same in every pytest-xdist worker (an object's repr holds its address)."""
+    return "object()" if type(value) is object else repr(value)
+
+
 class EngineRan(Exception):
     """Raised by a stand-in engine: the arguments were accepted and the restore went on."""
 
@@ -62,14 +67,14 @@ def _outcome(call) -> str:
 
 
 @pytest.mark.parametrize("keyword", _keywords(Pipeline.restore))
-@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+@pytest.mark.parametrize("value", HOSTILE, ids=_id)
 def test_every_restore_keyword_refuses_hostile_values_before_any_engine(guarded, keyword, value):
     outcome = _outcome(lambda: guarded.restore(np.full((32, 32, 3), 90, np.uint8), **{"steps": 2, keyword: value}))
     assert outcome == ("accepted" if (keyword, value) in VALID else "refused"), (keyword, value)
 
 
 @pytest.mark.parametrize("keyword", _keywords(Pipeline.plan))
-@pytest.mark.parametrize("value", HOSTILE, ids=repr)
+@pytest.mark.parametrize("value", HOSTILE, ids=_id)
 def test_every_plan_keyword_refuses_hostile_values(pipeline, keyword, value):
     outcome = _outcome(lambda: pipeline.plan((64, 64), **{keyword: value}))
     assert outcome == ("accepted" if (keyword, value) in VALID else "refused"), (keyword, value)

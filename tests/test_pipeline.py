@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -118,8 +119,17 @@ def test_progress_is_called_per_step_and_may_cancel(quick):
 def test_nan_output_is_a_clear_error(quick, monkeypatch):
     session = quick.engines.sessions["decoder"]
     monkeypatch.setattr(session, "run", lambda feeds: [np.full((1, 3, 512, 512), np.nan, np.float32)])
-    with pytest.raises(EngineError, match=r"decoder produced .* NaN/inf .* fp16 overflow"):
-        quick.restore(_photo(64, 64), seed=0, steps=2, score=50)
+    with pytest.raises(EngineError, match=r"decoder produced .* NaN/inf .* \(an fp32 overflow or NaN weights"):
+        quick.restore(_photo(64, 64), seed=0, steps=2, score=50)  # an fp32 directory: not "fp16 overflow?"
+
+
+@pytest.mark.parametrize("precision,hint", [("fp16", "an fp16 overflow?; try the fp32 engine directory"),
+                                            ("bf16", "or --cpu-precision f32"), ("f32", "an fp32 overflow")])
+def test_nan_hint_follows_the_precision_computed_in(precision, hint):
+    from adaptbir.runtime.backends import check_finite
+
+    with pytest.raises(EngineError, match=re.escape(hint)):
+        check_finite("unet", [np.array([1.0, np.inf], np.float32)], ["eps"], precision)
 
 
 def test_absurd_sizes_are_refused(pipeline):

@@ -1,7 +1,7 @@
-"""`adaptbir-ray` on a local Ray cluster (loopback only), micro engines. restore: outputs bit-identical to
+"""`adaptbir-ray restore` on a local Ray cluster (loopback only), micro engines: outputs bit-identical to
 `adaptbir restore`, bad images reported while the job goes on, a re-run skips everything finished, a killed
-actor loses nothing. serve: concurrent requests equal the local Pipeline's results; limits and a full queue
-get their status codes and the service goes on."""
+actor loses nothing, a stopped or killed driver leaves no output without its record. The service's tests are
+in tests/test_service.py."""
 
 from __future__ import annotations
 

@@ -14,6 +14,11 @@ torch.set_grad_enabled(False)
 
 SINGLE_PASS = 1e-4
 UNET_TOL = {"unet_control": 1e-4, "unet_control_8x16": 1e-3}  # 8x16 is ill-conditioned (README §8)
+# The bottleneck's control and feature (index 12) are ill-conditioned at these tiny sizes (one or two elements
+# per GroupNorm group): the golden float32 values themselves are 2.2e-3 (8x8) from the same model computed in
+# float64, and another CPU's kernels (e.g. an AVX-512/AMX Xeon against the reference's machine) land up to
+# 7.5e-3 away while eps stays within 5e-5. A wrong block, scale or norm moves them by orders of magnitude more.
+BOTTLENECK_TOL = 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,9 @@ def test_unet_with_controls(tiny, golden, parity, case):
     x, t, ctx, w = _t(g, "x_t"), _t(g, "t"), _t(g, "context"), _t(g, "csft_w")
     controls, features = tiny.controlnet(x, _t(g, "c_latent"), t, ctx)
     for i in range(13):
-        parity(f"{case} control_{i:02d}", controls[i], g[f"control_{i:02d}"], tol)
-        parity(f"{case} feature_{i:02d}", features[i], g[f"feature_{i:02d}"], tol)
+        tolerance = BOTTLENECK_TOL if i == 12 else tol
+        parity(f"{case} control_{i:02d}", controls[i], g[f"control_{i:02d}"], tolerance)
+        parity(f"{case} feature_{i:02d}", features[i], g[f"feature_{i:02d}"], tolerance)
     parity(f"{case} t_emb", tiny.unet.t_embedding(t), g["t_emb"], SINGLE_PASS)
     parity(f"{case} eps (hint = c_latent)", tiny.eps(x, t, ctx, _t(g, "c_latent"), w), g["eps"], tol)
     parity(f"{case} eps_from_cond (UNet graph)", UNetGraph(tiny)(x, t, ctx, _t(g, "cond"), w),
@@ -57,8 +63,10 @@ def test_w_zero_is_the_plain_controlnet_path(reference, tiny, golden, parity, ca
     assert torch.equal(tiny.eps(*args, zero), plain.eps(*args, zero))
     parity(f"{case} eps_plain (no CSFT)", plain.eps(*args, _t(g, "csft_w")), g["eps_plain"], UNET_TOL[case])
     w = g["csft_w"]
-    for j in np.flatnonzero(w == 0):  # the reference itself is bitwise here
-        assert np.array_equal(tiny.eps(*args, _t(g, "csft_w"))[j].numpy(), g["eps"][j])
+    eps = tiny.eps(*args, _t(g, "csft_w"))
+    for j in np.flatnonzero(w == 0):  # bitwise the plain network (the reference's own property), and the golden
+        assert torch.equal(eps[j], plain.eps(*args, _t(g, "csft_w"))[j])
+        parity(f"{case} eps[w=0] (no CSFT)", eps[j], g["eps"][j], UNET_TOL[case])
 
 
 @pytest.mark.parametrize("case", ["dual_encoder", "dual_encoder_64x128"])
