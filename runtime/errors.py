@@ -24,3 +24,8 @@ class InputError(AdaptBIRError):
 
 class ArgumentError(InputError):
     """A restore argument is outside what the runtime accepts (checked before any engine runs)."""
+
+
+def shortened(text: str, limit: int = 120) -> str:
+    """`text` cut at `limit` characters for a one-line message, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"

@@ -18,9 +18,8 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
-from functools import cache, lru_cache
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -30,8 +29,9 @@ import numpy as np
 from . import __version__
 from .arguments import STEPS
 from .atomic import atomic_write
-from .errors import EngineError
+from .errors import EngineError, shortened
 from .gating import RULE
+from .graph_content import content_problems
 from .graphs import GRAPHS, GraphSpec, TensorSpec, contract_problems, onnx_problems
 from .sampler import check_schedule
 
@@ -464,22 +464,18 @@ def parse_manifest(path: Path, raw: bytes) -> Any:
     return data
 
 
-def _shortened(text: str, limit: int = 120) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
-
-
 def _int(text: str) -> int:
     # The length first: int() of thousands of digits is slow, and refused by Python itself above 4300.
     value = int(text) if len(text) <= 20 else None
     if value is None or not -INT64 <= value < INT64:
-        raise _Refused(f"integer {_shortened(text, 24)} is outside the 64-bit range")
+        raise _Refused(f"integer {shortened(text, 24)} is outside the 64-bit range")
     return value
 
 
 def _float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):
-        raise _Refused(f"number {_shortened(text, 24)} is not finite")
+        raise _Refused(f"number {shortened(text, 24)} is not finite")
     return value
 
 
@@ -491,7 +487,7 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for key, value in pairs:
         if key in data:  # readers disagree on which duplicate wins
-            raise _Refused(f"key {_shortened(key, 40)!r} appears twice in one object")
+            raise _Refused(f"key {shortened(key, 40)!r} appears twice in one object")
         data[key] = value
     return data
 
@@ -505,7 +501,7 @@ def _check_values(data: Any) -> None:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise _Refused(f"string {_shortened(value, 40)!r} holds a lone surrogate") from None
+                raise _Refused(f"string {shortened(value, 40)!r} holds a lone surrogate") from None
         elif isinstance(value, (dict, list)):
             if depth > JSON_MAX_DEPTH:
                 raise _Refused(f"nested deeper than {JSON_MAX_DEPTH} levels")
@@ -532,8 +528,8 @@ def _check_versions(path: Path, data: Any) -> None:
     if not ok:
         wanted = wanted if isinstance(wanted, dict) else {}
         raise EngineError(
-            f"{path}: built for runtime versions {_shortened(str(wanted.get('min')), 40)} ≤ v < "
-            f"{_shortened(str(wanted.get('below')), 40)}, this runtime is {__version__}; {REBUILD}"
+            f"{path}: built for runtime versions {shortened(str(wanted.get('min')), 40)} ≤ v < "
+            f"{shortened(str(wanted.get('below')), 40)}, this runtime is {__version__}; {REBUILD}"
         )
 
 
@@ -555,7 +551,7 @@ def _check_schema(path: Path, data: dict[str, Any]) -> None:
     if error is not None:
         where = "/".join(str(p) if isinstance(p, int) else repr(p)[1:-1] for p in error.absolute_path)
         raise EngineError(f"{path}: invalid manifest at {where or '(top level)'}: "
-                          f"{_shortened(error.message.replace(chr(10), ' '), 200)}; {REBUILD}")
+                          f"{shortened(error.message.replace(chr(10), ' '), 200)}; {REBUILD}")
 
 
 def _check_name(where: Path | str, name: str) -> None:
@@ -603,7 +599,7 @@ def _graph_problems(manifest: Manifest, name: str) -> list[str]:
     except Exception as err:  # protobuf's DecodeError and friends
         return [f"{entry.file} is not a readable ONNX graph ({type(err).__name__}: {_first_line(err)})"]
     extent = manifest.files[entry.external_data].bytes if entry.external_data else 0
-    problems = _content_problems(model, entry.external_data, extent)
+    problems = content_problems(model, entry.external_data, extent)
     mismatches = onnx_problems(GraphSpec(name, entry.inputs, entry.outputs), model.graph)
     if mismatches:
         problems.append("does not match its manifest entry: " + ", ".join(mismatches))
@@ -611,148 +607,9 @@ def _graph_problems(manifest: Manifest, name: str) -> list[str]:
 
 
 def _first_line(err: BaseException) -> str:
-    return _shortened((str(err).splitlines() or [""])[0], 200)
+    return shortened((str(err).splitlines() or [""])[0], 200)
 
 
 def _capped(problems: list[str], limit: int = 4) -> list[str]:
     unique = list(dict.fromkeys(problems))
     return unique[:limit] + ([f"and {len(unique) - limit} more problems"] if len(unique) > limit else [])
-
-
-# ------------------------------------------------------------------------- what a graph may reach
-#
-# ONNX Runtime and OpenVINO open a tensor's `external_data` location wherever the tensor sits: initializers,
-# sparse tensors, node attributes, subgraphs, model-local functions, training info, and whatever a later
-# ONNX adds. So every message of the model is visited generically, through protobuf's descriptors (only
-# message-typed fields: weights' bytes are never touched), and every TensorProto must keep its data inline
-# or name exactly the listed file, within its recorded size. A field this onnx cannot read might be one a
-# newer ONNX Runtime reads, so unknown fields are refused; so is any node but a standard ONNX operator
-# (another domain's node may be run by an execution provider that opens a file it names, e.g. EPContext).
-
-EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
-_SCALAR, _SINGLE, _REPEATED, _MAP = range(4)
-
-
-@cache
-def _kind(field_: Any) -> int:
-    """How a field holds messages: not at all, one, a list, or a map's values."""
-    if field_.message_type is None:
-        return _SCALAR
-    if field_.message_type.GetOptions().map_entry:
-        return _MAP if field_.message_type.fields_by_name["value"].message_type is not None else _SCALAR
-    repeated = getattr(field_, "is_repeated", None)  # protobuf ≥ 5; `label` is gone in 7
-    return _REPEATED if (field_.label == field_.LABEL_REPEATED if repeated is None else repeated) else _SINGLE
-
-
-@cache
-def _bulky_fields(descriptor: Any) -> tuple[tuple[str, int], ...] | None:
-    """For a message type with bytes fields (a tensor's raw_data: the weights), its message fields as (name,
-    kind), walked one by one so the bytes are never copied; None for the others, which ListFields walks
-    faster (it visits only the fields that are set)."""
-    if not any(f.type == f.TYPE_BYTES for f in descriptor.fields):
-        return None
-    return tuple((f.name, _kind(f)) for f in descriptor.fields if _kind(f) != _SCALAR)
-
-
-def _children(message: Any) -> list[tuple[int, Any]]:
-    """The message-holding fields of `message` that are set, as (kind, value)."""
-    bulky = _bulky_fields(message.DESCRIPTOR)
-    if bulky is None:
-        return [(_kind(f), value) for f, value in message.ListFields()]
-    return [(kind, getattr(message, name)) for name, kind in bulky if kind != _SINGLE or message.HasField(name)]
-
-
-def _messages(root: Any) -> Iterator[Any]:
-    """Every protobuf message inside `root` (itself included), depth first, without recursion."""
-    stack = [root]
-    while stack:
-        message = stack.pop()
-        yield message
-        for kind, value in _children(message):
-            if kind == _SINGLE:
-                stack.append(value)
-            elif kind == _REPEATED:
-                stack.extend(value)
-            elif kind == _MAP:
-                stack.extend(value.values())
-
-
-def _unknown_field_count() -> Any:
-    try:
-        from google.protobuf.unknown_fields import UnknownFieldSet
-    except ImportError:  # protobuf before 4.22
-        return lambda message: len(message.UnknownFields())
-    return lambda message: len(UnknownFieldSet(message))
-
-
-@cache
-def _standard_operator(domain: str, op_type: str) -> bool:
-    import onnx
-
-    return domain in ("", "ai.onnx") and onnx.defs.has(op_type)
-
-
-def _content_problems(model: Any, listed: str | None, extent: int) -> list[str]:
-    """What in the model reaches beyond its listed external data (`extent` bytes), or cannot be vetted."""
-    import onnx
-
-    tensor_type, node_type = onnx.TensorProto.DESCRIPTOR, onnx.NodeProto.DESCRIPTOR
-    unknown_fields = _unknown_field_count()
-    foreign: set[str] = set()
-    problems = []
-    for message in _messages(model):
-        descriptor = message.DESCRIPTOR
-        if unknown_fields(message):
-            problems.append(f"holds a {descriptor.name} with fields this onnx ({onnx.__version__}) does not know")
-        if descriptor is tensor_type:
-            problems += _external_problems(message, listed, extent, foreign)
-        elif descriptor is node_type and not _standard_operator(message.domain, message.op_type):
-            problems.append(f"runs {_shown(message.domain or 'ai.onnx')}.{_shown(message.op_type)}, not a standard "
-                            "ONNX operator")
-    if foreign:
-        shown = ", ".join(_shortened(repr(location), 80) for location in sorted(foreign))
-        problems.insert(0, f"references external data {shown}, but its manifest entry lists {listed!r}")
-    return problems
-
-
-def _external_problems(tensor: Any, listed: str | None, extent: int, foreign: set[str]) -> list[str]:
-    """A tensor's external_data (read by ONNX Runtime when data_location is EXTERNAL; refused whenever
-    present, as a reader might follow it anyway) names the listed file, within its size."""
-    import onnx
-
-    entries = [(entry.key, entry.value) for entry in tensor.external_data]
-    if not entries and tensor.data_location != onnx.TensorProto.EXTERNAL:
-        return []
-    info = dict(entries)
-    if len(info) != len(entries) or not info.keys() <= EXTERNAL_KEYS or "location" not in info:
-        keys = _shortened(repr([key for key, _ in entries]), 80)
-        return [f"stores tensor {_shown(tensor.name)!r} externally with keys {keys} (expected location, offset, "
-                "length, checksum, each at most once)"]
-    if info["location"] != listed:
-        foreign.add(info["location"])
-        return []
-    offset, length = _count(info.get("offset", "0")), _count(info.get("length", "0"))
-    if offset is None or length is None or offset + max(length, _nbytes(tensor)) > extent:
-        return [f"reads tensor {_shown(tensor.name)!r} at offset {_shown(info.get('offset', '0'))}, length "
-                f"{_shown(info.get('length', '(its size)'))} of {listed!r}, which holds {extent} bytes"]
-    return []
-
-
-def _shown(text: str) -> str:
-    """Text from a graph, fit for a one-line message: control characters escaped, at most 60 characters."""
-    return _shortened(repr(text)[1:-1], 60)
-
-
-def _count(text: str) -> int | None:
-    return int(text) if re.fullmatch(r"[0-9]{1,19}", text) else None
-
-
-def _nbytes(tensor: Any) -> int:
-    """The tensor's size from its dims and type, which a reader may use instead of `length`."""
-    import onnx
-
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
-        itemsize = 1
-    return math.prod(max(dim, 0) for dim in tensor.dims) * itemsize
