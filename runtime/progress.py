@@ -148,3 +148,8 @@ class ImageProgress:
         if self._steps is not None:
             self._steps.close()
             self._steps = None
+
+
+def say(line: str, stream: TextIO | None = None) -> None:
+    """Print one line (stderr by default) with the control characters of the names in it escaped."""
+    print(printable(line), file=sys.stderr if stream is None else stream)

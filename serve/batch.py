@@ -37,9 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from adaptbir.runtime.arguments import check_arguments
-from adaptbir.runtime.cli import (
+from adaptbir.runtime.batch import (
     Job,
-    StopSignals,
     append_report,
     finish_batch,
     prepared_outputs,
@@ -50,6 +49,7 @@ from adaptbir.runtime.cli import (
 from adaptbir.runtime.errors import ArgumentError
 from adaptbir.runtime.manifest import Manifest
 from adaptbir.runtime.progress import BatchProgress
+from adaptbir.runtime.signals import StopSignals
 
 from .shipping import EngineShipment, default_cache, ship
 

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 from adaptbir.runtime.arguments import DefaultsHelp
-from adaptbir.runtime.cli import check_restore_arguments, restore_arguments, say
+from adaptbir.runtime.cli import check_restore_arguments, restore_arguments
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.plan import bytes_argument
+from adaptbir.runtime.progress import say
 
 
 def _cluster_arguments(parser: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adaptbir.runtime import atomic, cli, image_io
+from adaptbir.runtime import atomic, batch, cli, image_io
 from adaptbir.runtime.atomic import TEMPORARIES, SpecialFileError, host_name, open_regular
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
@@ -134,7 +134,7 @@ def test_unwritable_places_stop_the_batch_before_the_engines_load(micro_engines,
 
 def test_a_report_that_fails_mid_batch_stops_it_in_one_line(micro_engines, tmp_path, monkeypatch, capsys):
     calls = []
-    append = cli.append_report
+    append = batch.append_report
 
     def full_disk_on_the_second(path, record):
         calls.append(record["input"])
@@ -142,7 +142,7 @@ def test_a_report_that_fails_mid_batch_stops_it_in_one_line(micro_engines, tmp_p
             raise OSError(28, "No space left on device")
         append(path, record)
 
-    monkeypatch.setattr(cli, "append_report", full_disk_on_the_second)
+    monkeypatch.setattr(batch, "append_report", full_disk_on_the_second)
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "abc"]
     report = tmp_path / "r.jsonl"
     assert cli.main(["restore", *map(str, inputs), "-o", str(tmp_path / "out"), "--engines", str(micro_engines),
@@ -228,7 +228,7 @@ def test_the_handlers_cover_the_batch_and_leave_ignored_signals_ignored(micro_en
     """Under nohup SIGHUP is ignored: a batch must not start obeying it. Afterwards all is as before."""
     watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     seen = []
-    restore, write = Pipeline.restore, cli.write_output
+    restore, write = Pipeline.restore, batch.write_output
 
     def restoring(self, image, **options):
         seen.append({s: signal.getsignal(s) for s in watched})
@@ -239,7 +239,7 @@ def test_the_handlers_cover_the_batch_and_leave_ignored_signals_ignored(micro_en
         write(job, out, args)
 
     monkeypatch.setattr(Pipeline, "restore", restoring)
-    monkeypatch.setattr(cli, "write_output", writing)
+    monkeypatch.setattr(batch, "write_output", writing)
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         before = {s: signal.getsignal(s) for s in watched}

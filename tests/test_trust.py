@@ -374,12 +374,12 @@ def test_ctrl_c_during_a_write_lets_it_finish(micro_engines, tmp_path):
     report, out = tmp_path / "r.jsonl", tmp_path / "out"
     script = f"""
 import signal, sys, threading
-from adaptbir.runtime import cli
-write = cli.write_output
+from adaptbir.runtime import batch, cli
+write = batch.write_output
 def write_then_signal(job, out, args):
     signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # handled after the write
     write(job, out, args)
-cli.write_output = write_then_signal
+batch.write_output = write_then_signal
 sys.exit(cli.main({[
     "restore", *map(str, inputs), "-o", str(out), "--engines", str(micro_engines), "--score", "50", "--seed", "1",
     *STEPS, "--report", str(report)]!r}))
