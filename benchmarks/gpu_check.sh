@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (DESIGN.md, "How we know it is right"): torch-CUDA fp16 accuracy,
+# The one command for a lent GPU machine (docs/architecture.md, "Precision and tolerances"): torch-CUDA fp16 accuracy,
 # per-stage latency (eager, CUDA graphs) and FLOPs of our own model definitions, with the machine's python3.
 # Writes ${OUT:-benchmarks/results}/gpu_check.json (every number) and gpu_check.txt (this log).
 # Arguments go to gpu_check.py (e.g. --runs 20); `--dry-run` tries it on a CPU.

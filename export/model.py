@@ -2,7 +2,7 @@
 
 `AdaptBIR` owns every part under a name that maps 1:1 onto a checkpoint prefix (`CHECKPOINT_PREFIXES`).
 The graph modules (`DualEncoderGraph`, `UNetGraph`, `DecoderGraph`, `MusiqGraph`) are thin views over it
-that implement the engine contract of DESIGN.md: one latent space (the diffusion latent, VAE mode ×
+that implement the engine contract of docs/architecture.md: one latent space (the diffusion latent, VAE mode ×
 scale factor) at every graph boundary.
 """
 

@@ -1,7 +1,7 @@
 """One description per graph of the engine directory, read by both sides.
 
 The exporter pairs each description with its torch module and writes it into the manifest; the runtime
-validates feeds against it without torch. Dimensions are ints or the symbolic names of DESIGN.md:
+validates feeds against it without torch. Dimensions are ints or the symbolic names of docs/architecture.md:
 `B` batch, `H`/`W` image, `h`/`w` latent (= H/8, W/8), `N` MUSIQ tokens, `C` context width.
 """
 
@@ -82,8 +82,8 @@ def _i64(name: str, *dims: Dim) -> TensorSpec:
 
 PATCH_VALUES = 3 * 32 * 32  # one 32×32 RGB MUSIQ patch, channel-major
 
-# fp32 tolerances are DESIGN's 1e-4 on latents, eps and images and 1e-3 on the 0–100 MUSIQ score; fp16 ones
-# are PSNR over the output's peak-to-peak range (see README "fp16"); MUSIQ is never fp16.
+# fp32 tolerances are 1e-4 on latents, eps and images and 1e-3 on the 0–100 MUSIQ score (docs/architecture.md);
+# fp16 ones are PSNR over the output's peak-to-peak range (README "Precision"); MUSIQ is never fp16.
 DUAL_ENCODER = GraphSpec(
     "dual_encoder",
     inputs=(_f32("image", "B", 3, "H", "W"),),

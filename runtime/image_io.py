@@ -1,6 +1,6 @@
 """Image input and output for the runtime (numpy + Pillow only, never torch).
 
-Reading (DESIGN.md, "The runtime pipeline", step 1): Pillow decodes PNG, JPEG, WebP, TIFF, BMP, GIF or
+Reading (docs/architecture.md, "The runtime pipeline", step 1): Pillow decodes PNG, JPEG, WebP, TIFF, BMP, GIF or
 PPM/PGM/PNM (its other plugins are never tried), EXIF orientation is applied, Pillow's
 decompression-bomb limit is kept (anything above `PIL.Image.MAX_IMAGE_PIXELS` is refused, not only twice
 that), and every mode becomes 8-bit RGB:

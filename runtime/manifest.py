@@ -99,7 +99,7 @@ class FileRecord:
 
 @dataclass(frozen=True)
 class Capabilities:
-    """Which optional parts a model has; missing parts degrade honestly (see DESIGN.md)."""
+    """Which optional parts a model has; missing parts degrade honestly (docs/architecture.md)."""
 
     has_csft: bool = True  # without: w is fixed to 0
     has_restoration_encoder: bool = True  # without: k is fixed to 1
