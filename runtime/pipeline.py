@@ -29,9 +29,11 @@ from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
 from .plan import RestorePlan
 from .preprocess import Geometry, finish, from_model_range, plan_geometry, prepare, to_model_range
+from .sampler import SamplerStep, StepCallback
 from .stages import LatentResult, Progress, StageHook, Stages, Timings
 
-__all__ = ["LatentResult", "Pipeline", "Progress", "RestorePlan", "Result", "StageHook", "Timings"]
+__all__ = ["LatentResult", "Pipeline", "Progress", "RestorePlan", "Result", "SamplerStep", "StageHook", "StepCallback",
+           "Timings"]
 
 
 @dataclass
@@ -115,7 +117,8 @@ class Pipeline:
         encode and mix, sample, decode. `options` go to `Stages.run` (x_T, noise, color_fix, tile_size, ...)."""
         check_arguments(score=score, k=k, w=w, steps=steps, seed=seed, color_fix=options.get("color_fix"),
                         tile_size=options.get("tile_size"), max_steps=self.max_steps,
-                        progress=options.get("progress"), on_stage=options.get("on_stage"))
+                        progress=options.get("progress"), on_stage=options.get("on_stage"),
+                        on_step=options.get("on_step"))
         timings = options.setdefault("timings", Timings())
         if seed is None and (options.get("x_T") is None or options.get("noise") is None):
             seed = secrets.randbits(63)
@@ -128,10 +131,11 @@ class Pipeline:
                 score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
                 resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,
                 progress: Progress | None = None, on_stage: StageHook | None = None,
-                memory_budget: int | None = None) -> Result:
+                on_step: StepCallback | None = None, memory_budget: int | None = None) -> Result:
         """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
 
-        `progress(i, n)` follows the sampling steps (raise to cancel); `on_stage(name, tiles)` is called as
+        `progress(i, n)` follows the sampling steps (raise to cancel); `on_step(SamplerStep)` gets each step's
+        timestep, x_t and x0 prediction (read-only views, e.g. for a preview); `on_stage(name, tiles)` is called as
         each stage begins (musiq, encode, sample, decode) with the number of tiles it runs on. Tiling follows
         `plan` (the same arguments give the same plan); `Result.plan` says what was decided and why.
 
@@ -139,7 +143,7 @@ class Pipeline:
         notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
                                 color_fix=color_fix, tile_size=tile_size, max_steps=self.max_steps,
                                 resize_back=resize_back, memory_budget=memory_budget, progress=progress,
-                                on_stage=on_stage)
+                                on_stage=on_stage, on_step=on_step)
         memory_budget = check_memory_budget(memory_budget)
         timings = Timings()
         started = time.perf_counter()
@@ -159,7 +163,7 @@ class Pipeline:
                 measured = self.stages.score(padded, timings)
         decision = self.stages.decide(measured if score is None else float(score), k, w)
         latent = self.stages.run(to_model_range(padded), decision, steps=steps, seed=seed, color_fix=color_fix,
-                                 plan=plan, progress=progress, timings=timings, on_stage=on_stage)
+                                 plan=plan, progress=progress, timings=timings, on_stage=on_stage, on_step=on_step)
         with timings.stage("postprocess"):
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)

@@ -147,15 +147,40 @@ class NoiseSource:
         return self._rng.standard_normal(self.shape, dtype=np.float32)
 
 
+@dataclass(frozen=True)
+class SamplerStep:
+    """What one reverse step saw and predicted, for a caller's callback (a preview, a progress bar): as
+    k-diffusion's samplers hand theirs `x, i, sigma, denoised`. The arrays are read-only views of the
+    sampler's own (no copy is made): valid during the call, `np.array(...)` to keep one."""
+
+    step: int  # 1..steps, in sampling order
+    steps: int
+    timestep: int  # the model's timestep id t_n (999 → 0 over the spaced schedule)
+    x: np.ndarray  # x_t, the latent the step started from [B,4,h,w]
+    denoised: np.ndarray  # the x0 prediction of this step [B,4,h,w], unclipped
+
+
+StepCallback = Callable[[SamplerStep], None]
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 def sample(eps_model: EpsModel, x_T: np.ndarray, schedule: Schedule, noise: Callable[[int], np.ndarray],
-           progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """The reverse loop from x_T over the schedule, descending; `noise(i)` gives the noise of iteration i."""
+           callback: StepCallback | None = None) -> np.ndarray:
+    """The reverse loop from x_T over the schedule, descending; `noise(i)` gives the noise of iteration i;
+    `callback` is called after each step (raising from it stops the loop)."""
     x = x_T
     batch = x.shape[0]
     for i, n in enumerate(range(schedule.steps - 1, -1, -1)):
         t = np.full(batch, schedule.timesteps[n], dtype=np.int64)
         eps = eps_model(x, t)
-        x, _ = step(schedule, n, x, eps, noise(i))
-        if progress is not None:
-            progress(i + 1, schedule.steps)
+        x_next, x0 = step(schedule, n, x, eps, noise(i))
+        if callback is not None:
+            callback(SamplerStep(i + 1, schedule.steps, int(schedule.timesteps[n]), _read_only(x),
+                                 _read_only(x0)))
+        x = x_next
     return x

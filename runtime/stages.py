@@ -22,7 +22,7 @@ from .memory import GiB, available_bytes, musiq_bytes
 from .musiq_patches import batch_feeds, extract_tokens, token_count
 from .plan import RestorePlan, plan_restore
 from .preprocess import Geometry, to_uint8
-from .sampler import NoiseSource, Schedule, sample
+from .sampler import NoiseSource, SamplerStep, Schedule, StepCallback, sample
 from .tiling import Tile, blend, tiles
 
 Progress = Callable[[int, int], None]  # after sampling step i of n; raising cancels the restore
@@ -189,12 +189,14 @@ class Stages:
     def run(self, x: np.ndarray, decision: Gate, *, steps: int, seed: int | None = None,
             x_T: np.ndarray | None = None, noise: np.ndarray | None = None, color_fix: str = "none",
             tile_size: int | None = None, plan: RestorePlan | None = None, progress: Progress | None = None,
-            timings: Timings | None = None, on_stage: StageHook | None = None) -> LatentResult:
+            timings: Timings | None = None, on_stage: StageHook | None = None, on_step: StepCallback | None = None
+            ) -> LatentResult:
         """Encode and mix, sample, decode a padded image x [1,3,H,W] in [-1,1] for a decided gate.
 
         Tiling follows `plan` when the caller has one (`Pipeline.restore` plans before any engine runs),
         else a plan of the padded size with `tile_size`. The noise comes from `seed` (the runtime's RNG
-        protocol), or `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] given (golden tests)."""
+        protocol), or `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] given (golden tests). After each sampling
+        step `progress(i, n)` and `on_step(SamplerStep)` (x_t and the x0 prediction) are called."""
         timings = timings or Timings()
         if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % 64 or x.shape[3] % 64:
             raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
@@ -216,10 +218,23 @@ class Stages:
         noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])
         begin("sample", tiles)
         with timings.stage("sample"):
-            latent = sample(self.eps_model(cond, decision.w, tile, timings), start, schedule, noise_at, progress)
+            latent = sample(self.eps_model(cond, decision.w, tile, timings), start, schedule, noise_at,
+                            _step_callback(progress, on_step))
         begin("decode", tiles)
         with timings.stage("decode"):
             decoded = self.decode(latent, tile, timings)
             if color_fix != "none":
                 decoded = apply_color_fix(decoded, self.decode(cond, tile, timings), color_fix)
         return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, plan)
+
+
+def _step_callback(progress: Progress | None, on_step: StepCallback | None) -> StepCallback | None:
+    """The sampler's one callback, serving the simple `progress(i, n)` and the full `on_step`."""
+    if progress is None or on_step is None:
+        return on_step or (progress and (lambda s: progress(s.step, s.steps)))
+
+    def both(s: SamplerStep) -> None:
+        on_step(s)
+        progress(s.step, s.steps)
+
+    return both

@@ -116,6 +116,25 @@ def test_progress_is_called_per_step_and_may_cancel(quick):
         quick.restore(_photo(64, 64), seed=0, steps=3, score=50, progress=cancel)
 
 
+def test_on_step_hands_each_steps_x0_beside_progress(quick):
+    from adaptbir.runtime.pipeline import SamplerStep
+
+    steps: list[SamplerStep] = []
+    calls = []
+    result = quick.restore(_photo(64, 80), seed=0, steps=3, score=50, on_step=steps.append,
+                           progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 3), (2, 3), (3, 3)] and [s.step for s in steps] == [1, 2, 3]
+    h, w = (d // 8 for d in result.sizes["padded"])
+    assert all(s.denoised.shape == s.x.shape == (1, 4, h, w) for s in steps)
+    assert steps[0].timestep > steps[1].timestep > steps[2].timestep == 0
+
+    def stop(s):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):  # raising from on_step stops the restore, as from progress
+        quick.restore(_photo(64, 64), seed=0, steps=3, score=50, on_step=stop)
+
+
 def test_nan_output_is_a_clear_error(quick, monkeypatch):
     session = quick.engines.sessions["decoder"]
     monkeypatch.setattr(session, "run", lambda feeds: [np.full((1, 3, 512, 512), np.nan, np.float32)])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from adaptbir.runtime.backends import Engines
-from adaptbir.runtime.sampler import NoiseSource, Schedule, sample, spaced_timesteps, step
+from adaptbir.runtime.sampler import NoiseSource, SamplerStep, Schedule, sample, spaced_timesteps, step
 
 GOLDEN_BACKENDS = ["ort-cpu", "openvino-f32"]  # OpenVINO in f32 meets the same contract with the same tolerances
 
@@ -73,6 +73,29 @@ def test_one_step_matches_the_recorded_step(golden):
         np.testing.assert_allclose(x0, g["step_pred_x0"][i], rtol=0, atol=2e-5)
         np.testing.assert_allclose(x_next, g["step_x_out"][i], rtol=0, atol=2e-5)
         x = g["step_x_out"][i]
+
+
+def test_the_step_callback_sees_each_steps_input_timestep_and_x0(golden):
+    """Driven by the reference's recorded eps, the callback gets, per step: its number, the model's timestep,
+    the x_t the step started from and the reference's pred_x0 — as read-only views (no copy)."""
+    g = golden("sampler")
+    eps_of = iter(g["step_eps"])
+    seen: list[SamplerStep] = []
+
+    def keep(s: SamplerStep) -> None:
+        with pytest.raises(ValueError, match="read-only"):
+            s.denoised[...] = 0  # the sampler's own arrays cannot be changed from a callback
+        seen.append(SamplerStep(s.step, s.steps, s.timestep, np.array(s.x), np.array(s.denoised)))
+
+    final = sample(lambda x, t: next(eps_of), g["x_T"], Schedule.create(5), lambda i: g["noise"][i], keep)
+    assert [(s.step, s.steps) for s in seen] == [(i, 5) for i in range(1, 6)]
+    assert [s.timestep for s in seen] == list(g["step_t"].reshape(5, -1)[:, 0])
+    np.testing.assert_array_equal(seen[0].x, g["x_T"])
+    for i, s in enumerate(seen):
+        np.testing.assert_allclose(s.denoised, g["step_pred_x0"][i], rtol=0, atol=2e-5)
+        if i:
+            np.testing.assert_allclose(s.x, g["step_x_out"][i - 1], rtol=0, atol=2e-5)
+    np.testing.assert_allclose(final, g["step_x_out"][-1], rtol=0, atol=2e-5)
 
 
 def test_noise_protocol_is_seeded_pcg64_float32():
