@@ -43,5 +43,5 @@ class TorchEngines:
         if timings is not None:
             timings["engine_s"] = timings.get("engine_s", 0.0) + time.perf_counter() - start
         outputs = [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
-        check_finite(name, outputs, (t.name for t in spec.outputs))
+        check_finite(name, outputs, (t.name for t in spec.outputs), self.compute_precision)
         return outputs

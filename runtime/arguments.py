@@ -60,12 +60,13 @@ def _callback(name: str, value: object) -> None:
 def check_arguments(*, steps: int | None = None, seed: int | None = None, score: float | None = None,
                     k: float | None = None, w: float | None = None, sr_scale: float | None = None,
                     color_fix: str | None = None, tile_size: int | None = None, max_steps: int = STEPS[1],
-                    resize_back: object = True, memory_budget: object = None, progress: object = None,
-                    on_stage: object = None, on_step: object = None) -> list[str]:
+                    resize_back: object = True, progress: object = None, on_stage: object = None,
+                    on_step: object = None) -> list[str]:
     """Raise `ArgumentError` for the first value outside what is allowed; return warnings (w above 1).
 
     None means "not given" (the default or the measured value is used). `max_steps`: the most steps the
-    engine directory's schedule allows (its timesteps, at most 1000)."""
+    engine directory's schedule allows (its timesteps, at most 1000). A memory budget is converted by
+    `check_memory_budget`."""
     high = min(STEPS[1], max_steps)
     if steps is not None:
         _integer("steps", steps, STEPS[0], high, f"an integer from {STEPS[0]} to {high}"
@@ -92,7 +93,6 @@ def check_arguments(*, steps: int | None = None, seed: int | None = None, score:
                             f"px, not {tile_size!r}")
     if not isinstance(resize_back, bool):  # "no" would read as true
         raise ArgumentError(f"resize_back must be True or False, not {resize_back!r}")
-    check_memory_budget(memory_budget)
     _callback("progress", progress)
     _callback("on_stage", on_stage)
     _callback("on_step", on_step)

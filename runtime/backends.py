@@ -325,7 +325,7 @@ class Engines:
         return outputs
 
 
-def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str], precision: str = "fp16") -> None:
+def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str], precision: str) -> None:
     """Outputs with NaN/inf are an error that says what to try: for reduced precision (fp16, bf16) the fp32
     directory; in fp32 the weights or the inputs (the arguments are bounded, so a NaN there is not theirs)."""
     for name, array in zip(names, outputs, strict=True):

@@ -315,11 +315,16 @@ def write_output(job: Job, out, args) -> None:
 
 def append_report(path: Path | None, record: dict[str, Any]) -> None:
     """One JSON line, flushed to disk before the next image (a crash loses no finished record)."""
+    append_records(path, [record])
+
+
+def append_records(path: Path | None, records: list[dict[str, Any]]) -> None:
+    """JSON lines in one write and one fsync (e.g. a dispatched record per image of a large collection)."""
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     with os.fdopen(open_regular(path, APPEND), "a") as f:  # never blocks on a FIFO put in its place
-        f.write(json.dumps(record) + "\n")
+        f.write("".join(json.dumps(record) + "\n" for record in records))
         f.flush()
         os.fsync(f.fileno())
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
@@ -28,7 +29,7 @@ import numpy as np
 
 from . import __version__
 from .arguments import STEPS
-from .atomic import atomic_write
+from .atomic import SpecialFileError, atomic_write, open_regular
 from .errors import EngineError, shortened
 from .gating import RULE
 from .graph_content import content_problems
@@ -48,7 +49,7 @@ FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # a listed file swapped for a FIFO cannot block the check
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -431,10 +432,10 @@ def _manifest_bytes(directory: Path) -> bytes:
     if not resolved.is_relative_to(directory.resolve()):
         raise EngineError(f"{path} leaves the engine directory (it resolves to {resolved}); {REBUILD}")
     try:
-        if not resolved.is_file():
-            raise EngineError(f"{path} is not a regular file; {REBUILD}")
-        with resolved.open("rb") as f:
+        with os.fdopen(open_regular(resolved), "rb") as f:
             raw = f.read(MANIFEST_MAX_BYTES + 1)
+    except SpecialFileError:
+        raise EngineError(f"{path} is not a regular file; {REBUILD}") from None
     except OSError as err:
         raise EngineError(f"cannot read {path}: {err}; {REBUILD}") from err
     if len(raw) > MANIFEST_MAX_BYTES:
@@ -569,7 +570,7 @@ def _check_name(where: Path | str, name: str) -> None:
 def check_files(manifest: Manifest, verify: bool = True) -> None:
     """Every listed file is a regular file inside the directory (symlinks resolved) with the recorded size
     (and, with `verify`, sha256); then each ONNX graph, parsed once: it reaches no file but its listed
-    external data (`_content_problems`), and its inputs and outputs are the ones its entry declares."""
+    external data (`graph_content.content_problems`), and its inputs and outputs are the ones its entry declares."""
     directory = manifest.directory
     root = directory.resolve()
     problems = []

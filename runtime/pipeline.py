@@ -101,10 +101,10 @@ class Pipeline:
         """How `restore` would run an image of `size` (height, width) with these options, before anything
         runs: processing size, MUSIQ tokens, tiled or not and why, predicted peak memory (InputError when
         not even tiles fit the budget)."""
-        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size, resize_back=resize_back,
-                        memory_budget=memory_budget)
+        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size, resize_back=resize_back)
+        budget = check_memory_budget(memory_budget)
         geometry = plan_geometry(*size, sr_scale=sr_scale, resize_back=resize_back)
-        return self.stages.plan(geometry, tile_size, score is not None, check_memory_budget(memory_budget))
+        return self.stages.plan(geometry, tile_size, score is not None, budget)
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         check_arguments(score=score, k=k, w=w)
@@ -142,8 +142,7 @@ class Pipeline:
         Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
         notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
                                 color_fix=color_fix, tile_size=tile_size, max_steps=self.max_steps,
-                                resize_back=resize_back, memory_budget=memory_budget, progress=progress,
-                                on_stage=on_stage, on_step=on_step)
+                                resize_back=resize_back, progress=progress, on_stage=on_stage, on_step=on_step)
         memory_budget = check_memory_budget(memory_budget)
         timings = Timings()
         started = time.perf_counter()

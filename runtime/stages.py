@@ -230,11 +230,13 @@ class Stages:
 
 def _step_callback(progress: Progress | None, on_step: StepCallback | None) -> StepCallback | None:
     """The sampler's one callback, serving the simple `progress(i, n)` and the full `on_step`."""
-    if progress is None or on_step is None:
-        return on_step or (progress and (lambda s: progress(s.step, s.steps)))
+    if progress is None and on_step is None:
+        return None
 
-    def both(s: SamplerStep) -> None:
-        on_step(s)
-        progress(s.step, s.steps)
+    def each_step(s: SamplerStep) -> None:
+        if on_step is not None:
+            on_step(s)
+        if progress is not None:
+            progress(s.step, s.steps)
 
-    return both
+    return each_step

@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pickle
 import signal
 import time
@@ -39,6 +38,7 @@ from typing import Any
 from adaptbir.runtime.arguments import check_arguments
 from adaptbir.runtime.batch import (
     Job,
+    append_records,
     append_report,
     finish_batch,
     prepared_outputs,
@@ -157,15 +157,6 @@ def _last_records(report: Path | None) -> dict[str, dict[str, Any]]:
     return last
 
 
-def _append_records(report: Path, records: list[dict[str, Any]]) -> None:
-    """Many records in one write and one fsync (a dispatched record per image of a large collection)."""
-    report.parent.mkdir(parents=True, exist_ok=True)
-    with report.open("a") as f:
-        f.write("".join(json.dumps(record) + "\n" for record in records))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _read(row: dict[str, Any], salt: bytes) -> dict[str, Any]:
     """Ray task: the image's resume key and decoded pixels (a failure becomes the image's error, never the
     job's). Inputs are read here, on the cluster, not by the driver."""
@@ -272,7 +263,7 @@ def _dispatch(args, jobs: list[Job], salt: bytes) -> tuple[list[dict[str, Any]],
         items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, ""),
                       "temporaries": str(job.temporary_dir or "")})
         records.append({"input": str(job.source), "status": "dispatched", "output": str(job.target)})
-    _append_records(args.report, records)
+    append_records(args.report, records)
     return items, len(records) - len(items)
 
 
