@@ -725,7 +725,7 @@ class GpuCheck:
 
         from adaptbir.export.model import MusiqGraph
         from adaptbir.export.musiq import MusiqScorer
-        from adaptbir.runtime.graphs import musiq_sample
+        from adaptbir.runtime.graphs import GRAPHS
 
         # The scorer alone: what AdaptBIR(config, Capabilities(has_musiq=True)) holds as `.musiq`.
         torch, (height, width) = self.torch, self.args.size
@@ -733,7 +733,7 @@ class GpuCheck:
         scorer = MusiqScorer(self.config.musiq)
         scorer.fold_weight_standardisation()  # as exported
         graph = MusiqGraph(scorer.eval().to(self.device))
-        feeds = musiq_sample(np.random.default_rng(self.args.seed + 1), 1, (height // 32) * (width // 32))
+        feeds = GRAPHS["musiq"].sample_feeds(np.random.default_rng(self.args.seed + 1), (height, width), 1)
         tokens = [torch.from_numpy(t).to(self.device) for t in feeds.values()]
         total, _ = count_flops(torch, lambda: graph(*tokens))
         return {"status": "measured", "precision": "fp32 (MUSIQ is exported in fp32 only)",

@@ -39,6 +39,7 @@ class StageRunner:
         """Seconds of one execution of `stage`, plus engine time and overhead for e2e."""
         from adaptbir.runtime.sampler import NoiseSource, sample
         from adaptbir.runtime.stages import Timings
+        from adaptbir.runtime.tiling import grid
 
         engines = self.pipeline.engines
         start = time.perf_counter()
@@ -50,7 +51,7 @@ class StageRunner:
             engines.run("unet", self.unet_feeds)
         elif stage == "loop":
             timings = Timings()
-            eps = self.pipeline.stages.eps_model(self.cond, 0.8, None, timings)
+            eps = self.pipeline.stages.eps_model(self.cond, 0.8, grid(*self.cond.shape[2:], None), timings)
             noise = NoiseSource(0, self.latent.shape)
             sample(eps, noise.draw(), self.schedule, lambda i: noise.draw())
         elif stage == "decoder":

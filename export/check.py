@@ -22,9 +22,10 @@ from polygraphy.comparator import Comparator
 from polygraphy.comparator.compare import SimpleCompareFunc
 from polygraphy.logger import G_LOGGER
 
-from adaptbir.runtime.backends import BACKENDS, Engines, backend_status
+from adaptbir.runtime.backend import BACKENDS, DEFAULT_BACKEND, describe
+from adaptbir.runtime.backends import Engines, backend_status
 from adaptbir.runtime.errors import AdaptBIRError
-from adaptbir.runtime.graphs import GraphSpec, Tolerance, sample_feeds
+from adaptbir.runtime.graphs import GRAPHS, GraphSpec, Tolerance
 from adaptbir.runtime.manifest import Manifest, load_manifest
 from adaptbir.runtime.metrics import psnr_over_range
 
@@ -86,8 +87,8 @@ def _rule(tolerance: Tolerance, reduced: bool) -> tuple[str, Callable]:
 def default_backends(manifest: Manifest) -> list[str]:
     """ort-cpu, then every other backend available here (trt only where the directory has plans)."""
     status = backend_status()
-    found = [b for b in BACKENDS if b != "ort-cpu" and status[b].startswith("available")]
-    return ["ort-cpu", *(b for b in found if b != "trt" or manifest.tensorrt)]
+    return [DEFAULT_BACKEND, *(name for name, b in BACKENDS.items() if name != DEFAULT_BACKEND
+                               and status[name].startswith("available") and b.usable_with(manifest))]
 
 
 def check_directory(directory: Path, backends: list[str] | None = None, size: tuple[int, int] = SIZE,
@@ -99,18 +100,20 @@ def check_directory(directory: Path, backends: list[str] | None = None, size: tu
     if len(backends) < 2:
         raise AdaptBIRError(f"check needs two backends to compare, got {', '.join(backends)}; name them with "
                             "--backends (e.g. ort-cpu,openvino)")
-    engines = {b: Engines(manifest, b, threads, cpu_precision if b == "openvino" else None) for b in backends}
+    engines = {b: Engines(manifest, b, threads, cpu_precision if describe(b).chooses_precision else None)
+               for b in backends}
     context = manifest.load_context()
     checks = []
     for graph in manifest.graphs:
-        batch = 2 if graph == "unet" else 1  # both sample timesteps and CSFT strengths
-        feeds = sample_feeds(graph, np.random.default_rng(seed), size, batch, context)
+        description = GRAPHS[graph]
+        feeds = description.sample_feeds(np.random.default_rng(seed), size, description.check_batch, context,
+                                         factor=manifest.latent.downsample_factor)
         runners = [EngineRunner(engines[b], graph, b) for b in backends]
         with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # polygraphy's per-output log: our table says it once
             results = Comparator.run(runners, data_loader=[feeds])
             for i, backend in enumerate(backends[1:], 1):
                 reduced = any(engines[b].compute_precision not in FULL_PRECISION for b in (backends[0], backend))
-                rule, compare = _rule(manifest.graph(graph).tolerance, reduced and graph != "musiq")
+                rule, compare = _rule(manifest.graph(graph).tolerance, reduced and not description.fp32_only)
                 verdict = Comparator.compare_accuracy(results, comparisons=[(0, i)], compare_func=compare)
                 checks.append(_summary(graph, backend, rule, results[backends[0]][0], results[backend][0],
                                        bool(verdict)))

@@ -1,17 +1,20 @@
-"""Each exported graph as one component: its description (from the runtime: inputs, outputs, tolerance and
-sample inputs), its torch module, and the submodules whose weights it contains."""
+"""Each exported graph as one component: the runtime's description of it (`runtime/graphs.py`: inputs,
+outputs, tolerance, sample inputs, precision), its torch module, and the submodules whose weights it contains.
+
+`TORCH` pairs each description with its torch side; adding a graph is one description plus one row here.
+"""
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from torch import nn
 
-from adaptbir.runtime import graphs
-from adaptbir.runtime.graphs import GraphSpec, Tolerance
+from adaptbir.runtime.graphs import GRAPHS, Graph, GraphSpec, Tolerance
 
 from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGraph
 
@@ -19,26 +22,64 @@ from .model import AdaptBIR, DecoderGraph, DualEncoderGraph, MusiqGraph, UNetGra
 # more than a handful of elements per group at the bottleneck (README §8: tiny 8x16 latents are
 # ill-conditioned), small enough to run the full-size model on a CPU.
 SAMPLE_IMAGE = (256, 256)
-SAMPLE_BATCH = 2
 # fp16 graphs are checked a second time at SD 2.1-base's own resolution: overflows grow with activation
 # size (SD 2.x attention and VAE overflows are the known failure), so the small sample alone cannot show them.
 FULL_SIZE_IMAGE = (512, 512)
-MUSIQ_SAMPLE_NATIVE = 64  # native-resolution patches of a 256x256 image
+
+
+@dataclass(frozen=True)
+class TorchGraph:
+    """The torch side of one description: the module exported, the submodules whose weights it holds."""
+
+    module: Callable[[AdaptBIR], nn.Module]
+    parts: Callable[[AdaptBIR], tuple[nn.Module, ...]]
+    reference: Callable[[AdaptBIR], nn.Module] | None = None  # parity's, when the exported module is rewritten
+    attention_heads_at_once: int | None = None  # recorded in the manifest for the runtime's memory model
+    present: Callable[[AdaptBIR], bool] = lambda model: True  # a checkpoint without the part has no graph
+
+
+def _encoders(model: AdaptBIR) -> tuple[nn.Module, ...]:
+    identity = (model.vae.encoder, model.vae.quant_conv)
+    return identity if model.restoration_encoder is None else (*identity, model.restoration_encoder)
+
+
+def _folded_musiq(model: AdaptBIR) -> nn.Module:
+    folded = copy.deepcopy(model.musiq)
+    folded.fold_weight_standardisation()  # the graph gets plain convs; parity is against pyiqa's StdConv
+    return MusiqGraph(folded)
+
+
+TORCH: dict[str, TorchGraph] = {
+    "dual_encoder": TorchGraph(DualEncoderGraph, _encoders),
+    "unet": TorchGraph(UNetGraph, lambda m: (m.unet, m.controlnet, m.vae.post_quant_conv),
+                       attention_heads_at_once=1),  # self-attention one head at a time (export/attention.py)
+    "decoder": TorchGraph(DecoderGraph, lambda m: (m.vae.decoder, m.vae.post_quant_conv)),
+    "musiq": TorchGraph(_folded_musiq, lambda m: (m.musiq,), reference=lambda m: MusiqGraph(m.musiq),
+                        present=lambda m: m.musiq is not None),
+}
+
 
 @dataclass
 class Component:
-    spec: GraphSpec
+    graph: Graph  # the runtime's description, its context width resolved
     module: nn.Module
     parts: tuple[nn.Module, ...]  # whose weights are inside the graph (for the reuse key)
     sample: tuple[torch.Tensor, ...]
     full_size_sample: tuple[torch.Tensor, ...] | None = None  # batch 1 at FULL_SIZE_IMAGE (fp16 check)
-    fp16_allowed: bool = True  # MUSIQ stays fp32 everywhere so the gates do not flip on precision
     reference: nn.Module | None = None  # what parity compares against, when the exported module is rewritten
     attention_heads_at_once: int | None = None  # recorded in the manifest for the runtime's memory model
 
     @property
+    def spec(self) -> GraphSpec:
+        return self.graph.spec
+
+    @property
     def tolerance(self) -> Tolerance:
-        return self.spec.tolerance
+        return self.graph.spec.tolerance
+
+    @property
+    def fp16_allowed(self) -> bool:
+        return not self.graph.fp32_only
 
     @property
     def torch_reference(self) -> nn.Module:
@@ -46,7 +87,7 @@ class Component:
 
     @property
     def name(self) -> str:
-        return self.spec.name
+        return self.graph.name
 
     def check_samples(self, graph_precision: str) -> dict[str, tuple[torch.Tensor, ...]]:
         """The inputs its graph is checked on: the sample, and for fp16 graphs the full-size one too."""
@@ -66,29 +107,18 @@ def _torch(feeds: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
 
 
 def components(model: AdaptBIR, context: torch.Tensor, seed: int = 0) -> list[Component]:
-    """The four graphs of an engine directory, in build order, with the runtime's sample inputs."""
+    """The graphs of an engine directory, in build order, with the runtime's sample inputs: the check batch
+    at SAMPLE_IMAGE, and for graphs that may be fp16 batch 1 at FULL_SIZE_IMAGE too."""
     rng = np.random.default_rng(seed)
     ctx = context.numpy()
-
-    def samples(name: str) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-        batch = SAMPLE_BATCH if name == "unet" else 1
-        return (_torch(graphs.sample_feeds(name, rng, SAMPLE_IMAGE, batch, ctx)),
-                _torch(graphs.sample_feeds(name, rng, FULL_SIZE_IMAGE, 1, ctx)))
-
-    vae, encoders = model.vae, [model.vae.encoder, model.vae.quant_conv]
-    if model.restoration_encoder is not None:
-        encoders.append(model.restoration_encoder)
-    out = [
-        Component(graphs.DUAL_ENCODER, DualEncoderGraph(model), tuple(encoders), *samples("dual_encoder")),
-        Component(graphs.UNET.resolved(C=model.config.context_dim), UNetGraph(model),
-                  (model.unet, model.controlnet, vae.post_quant_conv), *samples("unet"),
-                  attention_heads_at_once=1),  # self-attention one head at a time (export/attention.py)
-        Component(graphs.DECODER, DecoderGraph(model), (vae.decoder, vae.post_quant_conv), *samples("decoder")),
-    ]
-    if model.musiq is not None:
-        folded = copy.deepcopy(model.musiq)
-        folded.fold_weight_standardisation()  # the graph gets plain convs; parity is against pyiqa's StdConv
-        out.append(Component(graphs.MUSIQ, MusiqGraph(folded), (model.musiq,),
-                             _torch(graphs.musiq_sample(rng, 1, MUSIQ_SAMPLE_NATIVE)), fp16_allowed=False,
-                             reference=MusiqGraph(model.musiq)))
+    out = []
+    for name, graph in GRAPHS.items():
+        side = TORCH[name]
+        if not side.present(model):
+            continue
+        graph = replace(graph, spec=graph.spec.resolved(C=model.config.context_dim))
+        sample = _torch(graph.sample_feeds(rng, SAMPLE_IMAGE, graph.check_batch, ctx))
+        full_size = None if graph.fp32_only else _torch(graph.sample_feeds(rng, FULL_SIZE_IMAGE, 1, ctx))
+        out.append(Component(graph, side.module(model), side.parts(model), sample, full_size,
+                             side.reference(model) if side.reference else None, side.attention_heads_at_once))
     return out

@@ -79,7 +79,7 @@ def predict_build_memory(config: ModelConfig, precision: str, capabilities: Capa
         graph_precision = precision if component.fp16_allowed else "fp32"
         export = INLINE_EXPORT_COPIES * size if size < PROTOBUF_LIMIT else STREAM_OVERHEAD
         phases[f"tracing {component.name}"] = held + int(export)
-        if component.name in ("unet", "decoder"):
+        if component.graph.latent_attention:
             activations = max(_attention_bytes(sample)
                               for sample in component.check_samples(graph_precision).values())
             phases[f"torch reference of {component.name}"] = held + activations

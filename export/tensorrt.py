@@ -15,14 +15,14 @@ import hashlib
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adaptbir.runtime.atomic import atomic_write
 from adaptbir.runtime.errors import AdaptBIRError
-from adaptbir.runtime.graphs import GraphSpec
+from adaptbir.runtime.graphs import GRAPHS, LATENT_FACTOR, GraphSpec
 from adaptbir.runtime.manifest import FileRecord, Plan, TensorRTSection, load_manifest
 from adaptbir.runtime.musiq_patches import token_count
 from adaptbir.runtime.sizes import Size, parse_size
@@ -64,13 +64,16 @@ def profile_from_args(shape: str | None, min_shape: str | None, opt_shape: str |
     return ImageProfile(lo, mid, hi, batch)
 
 
-def input_shapes(spec: GraphSpec, profile: ImageProfile, n_max: int) -> dict[str, tuple[Shape, Shape, Shape]]:
-    """(min, opt, max) shape of every input, from the description's symbolic dimensions."""
-    levels = [(profile.min, 1, min(token_count(*profile.min), n_max)),
-              (profile.opt, 1, min(token_count(*profile.opt), n_max)),
+def input_shapes(spec: GraphSpec, profile: ImageProfile, n_max: int, factor: int = LATENT_FACTOR,
+                 tokens: Callable[[int, int], int] = token_count) -> dict[str, tuple[Shape, Shape, Shape]]:
+    """(min, opt, max) shape of every input of the manifest's `spec`, its symbolic dimensions sized by the
+    graph's description: latents `factor` times smaller than images, `tokens(H, W)` MUSIQ tokens (at most
+    `n_max`; the directory's `MusiqLimits.tokens`)."""
+    graph = GRAPHS[spec.name]
+    levels = [(profile.min, 1, min(tokens(*profile.min), n_max)),
+              (profile.opt, 1, min(tokens(*profile.opt), n_max)),
               (profile.max, profile.batch, n_max)]
-    shapes = [spec.input_shapes(B=batch, H=size[0], W=size[1], h=size[0] // 8, w=size[1] // 8, N=n)
-              for size, batch, n in levels]
+    shapes = [spec.input_shapes(**graph.symbol_sizes(size, batch, n, factor=factor)) for size, batch, n in levels]
     return {name: (shapes[0][name], shapes[1][name], shapes[2][name]) for name in shapes[0]}
 
 
@@ -153,7 +156,8 @@ def build_plans(engine_dir: Path, profile: ImageProfile, workspace_gib: float = 
     plans: dict[str, Plan] = {}
     files: dict[str, FileRecord] = {}
     for name, graph in manifest.graphs.items():
-        shapes = input_shapes(manifest.graph(name), profile, manifest.musiq.n_max)
+        shapes = input_shapes(manifest.graph(name), profile, manifest.musiq.n_max, manifest.latent.downsample_factor,
+                              manifest.musiq.tokens)
         key = plan_key(manifest.files[graph.file].sha256, shapes, trt.__version__, capability)
         file = f"{name}.{key[:16]}.plan"
         previous = old.plans.get(name) if old else None

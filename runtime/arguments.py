@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from numbers import Integral, Real
 
 import numpy as np
@@ -44,8 +45,6 @@ def check_memory_budget(value: object) -> int | None:
     if value is None:
         return None
     if isinstance(value, str):
-        from .plan import parse_bytes
-
         return parse_bytes(value)
     if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 1:
         return int(value)
@@ -97,6 +96,26 @@ def check_arguments(*, steps: int | None = None, seed: int | None = None, score:
     _callback("on_stage", on_stage)
     _callback("on_step", on_step)
     return warnings
+
+
+def parse_bytes(text: str) -> int:
+    """`12G`, `12GiB`, `800M`, `800MiB`, `0.5g` (binary units; a bare number is GiB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text or "")
+    if not match or float(match.group(1)) <= 0:
+        raise ArgumentError(f"memory size {text!r}: write it as e.g. 12G, 12GiB or 800M")
+    power = {"k": 1, "m": 2, "g": 3, "t": 4, "": 3}[match.group(2).lower()]
+    size = int(float(match.group(1)) * 1024**power)
+    if size < 1:
+        raise ArgumentError(f"memory size {text!r} is below one byte")
+    return size
+
+
+def bytes_argument(text: str) -> int:
+    """`parse_bytes` as an argparse type, so a bad size is a usage error."""
+    try:
+        return parse_bytes(text)
+    except ArgumentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):

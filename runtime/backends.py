@@ -1,10 +1,10 @@
 """Execution backends and the `Engines` set that runs the graphs of one engine directory.
 
-`ort-cpu` (default), `ort-cuda`, `ort-trt` (ONNX Runtime's CUDA / TensorRT execution providers) and
-`trt` (our own TensorRT plans, run by polygraphy). Sessions are created once, when the directory is loaded, and reused;
-ONNX Runtime sessions may be run from several threads at once. A backend that is not available fails in
-one line naming what to install. The GPU backends are written against the documented APIs and are not
-validated on hardware (see README).
+`ort-cpu` (default), `openvino`, `ort-cuda`, `ort-trt` (ONNX Runtime's CUDA / TensorRT execution providers)
+and `trt` (our own TensorRT plans, run by polygraphy), each described in `backend.py`. Sessions are created
+once, when the directory is loaded, and reused; ONNX Runtime sessions may be run from several threads at
+once. A backend that is not available fails in one line naming what to install. The GPU backends are
+written against the documented APIs and are not validated on hardware (see README).
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from .backend import BACKENDS, CPU_PRECISIONS, Backend, Runtime
 from .errors import EngineError
-from .graphs import GraphSpec
+from .graphs import GRAPHS, GraphSpec
 from .manifest import Manifest, load_manifest
-
-BACKENDS = ("ort-cpu", "openvino", "ort-cuda", "ort-trt", "trt")
-CPU_PRECISIONS = ("bf16", "f32")  # OpenVINO's inference precisions (INFERENCE_PRECISION_HINT)
-GPU_ORT = "replace the CPU wheel: pip uninstall onnxruntime && pip install onnxruntime-gpu"
 
 
 class BackendError(EngineError):
@@ -98,7 +95,7 @@ def openvino_core():
     try:
         import openvino
     except ImportError as err:
-        raise BackendError("backend openvino needs OpenVINO: pip install 'adaptbir[openvino]'") from err
+        raise BackendError(BACKENDS["openvino"].missing) from err
     return openvino.Core()
 
 
@@ -173,49 +170,52 @@ class OpenVinoSession:
         return [np.array(results[output]) for output in compiled.outputs]  # copies out of the request
 
 
-def ort_providers(backend: str, cache_key: str) -> list:
+def ort_providers(backend: Backend, cache_key: str) -> list:
+    """ONNX Runtime's providers for `backend`, its own first; one line naming what to install when this
+    onnxruntime lacks it."""
     import onnxruntime as ort
 
-    available = ort.get_available_providers()
-    if backend == "ort-cpu":
-        return ["CPUExecutionProvider"]
-    if backend == "ort-cuda":
-        if "CUDAExecutionProvider" not in available:
-            raise BackendError(f"backend ort-cuda: this onnxruntime has no CUDA provider; {GPU_ORT}")
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    if "TensorrtExecutionProvider" not in available:
-        raise BackendError(f"backend ort-trt: this onnxruntime has no TensorRT provider; {GPU_ORT} and install "
-                           "TensorRT (pip install 'adaptbir[gpu]')")
-    cache = cache_root() / "ort-trt" / cache_key  # never inside the engine directory, which stays closed
-    trt_options = {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-                   "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
-    return [("TensorrtExecutionProvider", trt_options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+    if backend.providers[0] not in ort.get_available_providers():
+        raise BackendError(backend.missing)
+    return [_provider_options(provider, backend, cache_key) for provider in backend.providers]
+
+
+def _provider_options(provider: str, backend: Backend, cache_key: str) -> str | tuple[str, dict]:
+    if provider != "TensorrtExecutionProvider":
+        return provider
+    cache = cache_root() / backend.name / cache_key  # never inside the engine directory, which stays closed
+    return provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
+                      "trt_timing_cache_enable": True, "trt_timing_cache_path": str(cache)}
 
 
 def backend_status() -> dict[str, str]:
     """One line per backend: available (and in what precision), or what to install."""
+    return {name: _status(backend) for name, backend in BACKENDS.items()}
+
+
+def _status(backend: Backend) -> str:
+    if backend.runtime is Runtime.OPENVINO:
+        try:
+            core = openvino_core()
+            import openvino
+        except BackendError:
+            return f"not installed: {backend.install}"
+        bf16 = openvino_precision(core, None) == "bf16"
+        return (f"available (OpenVINO {openvino.get_version().split('-')[0]}; default precision "
+                f"{'bf16: this CPU has bf16 arithmetic' if bf16 else 'f32: no bf16 on this CPU'})")
+    if backend.runtime is Runtime.TENSORRT_PLANS:
+        try:
+            import tensorrt
+        except ImportError:
+            return f"not available: {backend.install}"
+        return f"available (TensorRT {tensorrt.__version__}; needs plans: adaptbir-export trt)"
     import onnxruntime as ort
 
-    providers = ort.get_available_providers()
-    status = {"ort-cpu": f"available (ONNX Runtime {ort.__version__}; the directory's precision)"}
-    try:
-        core = openvino_core()
-        import openvino
-
-        bf16 = openvino_precision(core, None) == "bf16"
-        status["openvino"] = (f"available (OpenVINO {openvino.get_version().split('-')[0]}; default precision "
-                              f"{'bf16: this CPU has bf16 arithmetic' if bf16 else 'f32: no bf16 on this CPU'})")
-    except BackendError as err:
-        status["openvino"] = str(err).replace("backend openvino needs OpenVINO: ", "not installed: ")
-    for name, provider in (("ort-cuda", "CUDAExecutionProvider"), ("ort-trt", "TensorrtExecutionProvider")):
-        status[name] = "available" if provider in providers else f"not available: {GPU_ORT}"
-    try:
-        import tensorrt
-
-        status["trt"] = f"available (TensorRT {tensorrt.__version__}; needs plans: adaptbir-export trt)"
-    except ImportError:
-        status["trt"] = "not available: pip install 'adaptbir[gpu]'"
-    return status
+    if backend.providers[0] not in ort.get_available_providers():
+        return f"not available: {backend.install}"
+    if backend.on_device:
+        return "available"
+    return f"available (ONNX Runtime {ort.__version__}; the directory's precision)"
 
 
 class TrtSession:
@@ -230,7 +230,7 @@ class TrtSession:
             import tensorrt  # noqa: F401  (polygraphy imports it lazily; fail here, in one line)
             from polygraphy.backend.trt import EngineFromBytes, TrtRunner
         except ImportError as err:
-            raise BackendError("backend trt needs TensorRT and polygraphy: pip install 'adaptbir[gpu]'") from err
+            raise BackendError(BACKENDS["trt"].missing) from err
         from polygraphy.exception import PolygraphyException
 
         self._outputs = outputs
@@ -274,10 +274,12 @@ class Engines:
                  precision: str | None = None):
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        if precision is not None and backend != "openvino":
-            raise BackendError(f"a CPU precision ({precision}) applies to the openvino backend only, not {backend}")
-        self.manifest, self.backend, self.threads = manifest, backend, threads
-        self._core = openvino_core() if backend == "openvino" else None
+        described = BACKENDS[backend]
+        if precision is not None and not described.chooses_precision:
+            choosers = ", ".join(b.name for b in BACKENDS.values() if b.chooses_precision)
+            raise BackendError(f"a CPU precision ({precision}) applies to the {choosers} backend only, not {backend}")
+        self.manifest, self.backend, self.threads = manifest, backend, threads  # the name: records, `Result`
+        self._core = openvino_core() if described.runtime is Runtime.OPENVINO else None
         self.cpu_precision = openvino_precision(self._core, precision) if self._core else None
         self.specs = {name: manifest.graph(name) for name in manifest.graphs}
         self.sessions: dict[str, Session] = {name: self._session(name) for name in self.specs}
@@ -288,24 +290,30 @@ class Engines:
         return cls(load_manifest(directory, verify=verify), backend, threads, precision)
 
     @property
+    def backend_description(self) -> Backend:
+        """What the backend is (`backend.py`); `backend` stays its name, as records write it."""
+        return BACKENDS[self.backend]
+
+    @property
     def compute_precision(self) -> str:
         """What the UNet, encoders and decoder compute in on this backend."""
         return self.cpu_precision or self.manifest.precision
 
     def _session(self, name: str) -> Session:
-        if self.backend == "trt":
+        runtime = self.backend_description.runtime
+        if runtime is Runtime.TENSORRT_PLANS:
             plan = self.manifest.plan_path(name)
             if plan is None:
-                raise BackendError(f"backend trt: {self.manifest.directory} has no TensorRT plan for {name}; "
-                                   "build them with `adaptbir-export trt --engines DIR --shape HxW`")
+                raise BackendError(f"backend {self.backend}: {self.manifest.directory} has no TensorRT plan for "
+                                   f"{name}; build them with `adaptbir-export trt --engines DIR --shape HxW`")
             return TrtSession(plan, [t.name for t in self.specs[name].outputs])
         # Compiled-model caches live per user, keyed by the graph's files' sha256 (listed, so checked at load).
         shas = "".join(self.manifest.files[f].sha256 for f in self.manifest.graphs[name].files)
         key = hashlib.sha256(shas.encode()).hexdigest()[:32]
-        if self.backend == "openvino":
-            precision = "f32" if name == "musiq" else self.cpu_precision
+        if runtime is Runtime.OPENVINO:
+            precision = "f32" if _fp32_only(name) else self.cpu_precision
             return OpenVinoSession(self._core, self.manifest.path(name), key, precision, self.threads)
-        return OrtSession(self.manifest.path(name), ort_providers(self.backend, key), self.threads)
+        return OrtSession(self.manifest.path(name), ort_providers(self.backend_description, key), self.threads)
 
     def has(self, name: str) -> bool:
         return name in self.sessions
@@ -320,9 +328,14 @@ class Engines:
         outputs = self.sessions[name].run(feeds)
         if timings is not None:
             timings["engine_s"] = timings.get("engine_s", 0.0) + time.perf_counter() - start
-        precision = "fp32" if name == "musiq" else self.compute_precision  # MUSIQ always runs in f32
+        precision = "fp32" if _fp32_only(name) else self.compute_precision
         check_finite(name, outputs, (t.name for t in spec.outputs), precision)
         return outputs
+
+
+def _fp32_only(graph: str) -> bool:
+    """Whether a graph computes in f32 on every backend (MUSIQ: the gates must not depend on the precision)."""
+    return graph in GRAPHS and GRAPHS[graph].fp32_only
 
 
 def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str], precision: str) -> None:

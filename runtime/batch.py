@@ -9,6 +9,7 @@ with nothing partial left. Only regular files are read.
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import os
@@ -16,14 +17,15 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .arguments import check_arguments
 from .atomic import TEMPORARIES, close_temporaries, file_kind, open_regular, open_temporaries, temporaries_for
+from .backend import add_backend_arguments
 from .errors import AdaptBIRError, ArgumentError
 from .image_io import READ_SUFFIXES
+from .options import RestoreOptions
 from .progress import BatchProgress, ImageProgress, say
 from .signals import StopSignals
 
@@ -38,6 +40,79 @@ class Job:
     target: Path  # resolved, under OUTDIR
     skip: bool = False  # the output exists and --on-exists is skip
     temporary_dir: Path | None = None  # where its temporary file is written (None: beside the target)
+
+
+@dataclass(frozen=True)
+class BatchSettings:
+    """What a batch needs besides the restore options (`RestoreOptions`): its inputs, the engines and how
+    they run, where and how outputs are written, the report. Checked when made (`ArgumentError`)."""
+
+    inputs: tuple[Path, ...]
+    out: Path
+    engines: Path
+    backend: str = "ort-cpu"
+    cpu_precision: str | None = None  # openvino: bf16 or f32 (None: bf16 where the CPU has it)
+    threads: int | None = None
+    format: str = "png"
+    quality: int = 95
+    on_exists: str = "skip"
+    report: Path | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not 0 <= self.quality <= 100:
+            raise ArgumentError(f"--quality must be from 0 to 100, not {self.quality}")
+        if self.threads is not None and self.threads < 1:
+            raise ArgumentError(f"--threads must be at least 1, not {self.threads}")
+
+    @classmethod
+    def from_namespace(cls, args: argparse.Namespace) -> BatchSettings:
+        names = {f.name for f in fields(cls)}
+        return cls(**{name: value for name, value in vars(args).items() if name in names})
+
+    def output_key(self) -> dict[str, Any]:
+        """What, besides the restore options and the engines, decides an output's bytes."""
+        return {"format": self.format, "quality": self.quality, "backend": self.backend,
+                "cpu_precision": self.cpu_precision}
+
+    def plan(self) -> tuple[list[Job], list[str]]:
+        """Where every input lands (`plan_jobs`) and the report checked against them, before anything is
+        written; problems are inputs that do not exist."""
+        jobs, problems = plan_jobs(list(self.inputs), self.out, self.format, self.on_exists)
+        check_report(self.report, jobs)
+        return jobs, problems
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The batch's own flags (inputs, -o, --engines, threads, outputs, report); `add_restore_arguments`
+        adds the backend's and the restore options' beside them."""
+        parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT",
+                            help="image files or directories (recursive)")
+        parser.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
+                            help="output folder (created; folders keep their layout inside it)")
+        parser.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
+        parser.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
+        parser.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format")
+        parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (0..100)")
+        parser.add_argument("--on-exists", default="skip", choices=("skip", "overwrite", "suffix"),
+                            help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
+        parser.add_argument("--report", type=Path, help="append one JSON record per image to this JSONL file")
+        parser.add_argument("--quiet", action="store_true", help="no progress, only errors and the summary")
+
+
+def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `adaptbir restore`, shared with `adaptbir-ray restore` (one CLI, two engines)."""
+    BatchSettings.add_arguments(parser)
+    add_backend_arguments(parser)
+    RestoreOptions.add_arguments(parser)
+
+
+def restore_command(args: argparse.Namespace) -> tuple[BatchSettings, RestoreOptions, list[Job], list[str]]:
+    """The command line as the batch's settings and options; every usage error (exit 2) before the engines
+    load and before any image is touched; then where every input lands."""
+    settings, options = BatchSettings.from_namespace(args), RestoreOptions.from_namespace(args)
+    return settings, options, *settings.plan()
 
 
 def image_files(folder: Path) -> list[Path]:
@@ -200,55 +275,56 @@ class _Tally:
     skipped: int = 0
 
 
-def restore_batch(args, jobs: list[Job], problems: list[str]) -> int:
-    """Restore the planned jobs with the command's options (`adaptbir restore`); the exit status: 0 all
-    restored, 1 some failed, 2 a write place or the engines unusable (ArgumentError/EngineError raised
-    before any image), 128 + the signal when stopped."""
+def restore_batch(settings: BatchSettings, options: RestoreOptions, jobs: list[Job], problems: list[str]) -> int:
+    """Restore the planned jobs (`adaptbir restore`); the exit status: 0 all restored, 1 some failed, 2 a
+    write place or the engines unusable (ArgumentError/EngineError raised before any image), 128 + the signal
+    when stopped."""
     tally = _Tally(list(problems))
     with StopSignals() as stop:  # from before the first write to the last line printed
-        with prepared_outputs(args.out, args.report, jobs) as jobs:
-            pipeline = _load(args, stop)
-            shown = BatchProgress(len(jobs), quiet=args.quiet)
+        with prepared_outputs(settings.out, settings.report, jobs) as jobs:
+            loaded = _load(settings, options, stop)
+            shown = BatchProgress(len(jobs), quiet=settings.quiet)
             for job in jobs:
-                if stop.signum or not _run_job(job, pipeline, args, stop, shown, tally):
+                if stop.signum or not _run_job(job, *loaded, settings, stop, shown, tally):
                     break
             shown.close()
-        return finish_batch(tally.done, tally.skipped, tally.failures, len(jobs) + len(problems), args.out,
+        return finish_batch(tally.done, tally.skipped, tally.failures, len(jobs) + len(problems), settings.out,
                             stop.signum is not None, stop.signum or signal.SIGINT)
 
 
-def _load(args, stop: StopSignals):
-    """The engines (a usage error, exit 2, if they cannot load); None when a stop signal came first."""
+def _load(settings: BatchSettings, options: RestoreOptions, stop: StopSignals) -> tuple[Any, RestoreOptions]:
+    """The engines and the options on their schedule (a usage error, exit 2, if either fails); (None,
+    options) when a stop signal came first."""
     from .pipeline import Pipeline
 
     try:
         with stop.abandonable():
-            pipeline = Pipeline.from_engines(args.engines, backend=args.backend, threads=args.threads,
-                                             precision=args.cpu_precision, memory_budget=args.memory_budget)
-        check_arguments(steps=args.steps, max_steps=pipeline.max_steps)  # this directory's schedule
-        return pipeline
+            pipeline = Pipeline.from_engines(settings.engines, backend=settings.backend, threads=settings.threads,
+                                             precision=settings.cpu_precision)
+        return pipeline, pipeline.options(options)
     except KeyboardInterrupt as err:
         stop.stopped(err)
-        return None
+        return None, options
 
 
-def _run_job(job: Job, pipeline, args, stop: StopSignals, shown: BatchProgress, tally: _Tally) -> bool:
+def _run_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSettings, stop: StopSignals,
+             shown: BatchProgress, tally: _Tally) -> bool:
     """One image, then its record; False when the report cannot take the record (the batch stops)."""
     started = time.perf_counter()
-    record = _restore_job(job, pipeline, args, stop, shown, tally)
+    record = _restore_job(job, pipeline, options, settings, stop, shown, tally)
     record["wall_s"] = round(time.perf_counter() - started, 6)
     try:
-        append_report(args.report, record)
+        append_report(settings.report, record)
     except OSError as err:
-        tally.failures.append(f"--report {args.report}: cannot append a record ({err.strerror or err}); stopped")
+        tally.failures.append(f"--report {settings.report}: cannot append a record ({err.strerror or err}); stopped")
         shown.write(f"adaptbir: {tally.failures[-1]}")
         return False
     shown.advance()
     return True
 
 
-def _restore_job(job: Job, pipeline, args, stop: StopSignals, shown: BatchProgress, tally: _Tally
-                 ) -> dict[str, Any]:
+def _restore_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSettings, stop: StopSignals,
+                 shown: BatchProgress, tally: _Tally) -> dict[str, Any]:
     """Restored and written, skipped, failed or interrupted: the image's report record."""
     from .image_io import read_image
 
@@ -260,8 +336,8 @@ def _restore_job(job: Job, pipeline, args, stop: StopSignals, shown: BatchProgre
             record.update(status="skipped", reason="output exists (--on-exists skip)", output=str(job.target))
         else:
             with stop.abandonable():  # a stop signal drops the image here; past this point it is finished
-                result = restore_loaded(pipeline, read_image(job.source), args, args.seed, progress)
-            write_output(job, result.image, args)
+                result = restore_loaded(pipeline, read_image(job.source), options, progress)
+            write_output(job, result.image, settings)
             tally.done += 1
             record.update(status="ok", output=str(job.target), **result.record())
             for warning in result.warnings:
@@ -297,20 +373,18 @@ def without_path(err: Exception, source: Path) -> str:
     return message.removeprefix(f"{source}: ")
 
 
-def restore_loaded(pipeline, image, args, seed: int | None, progress: ImageProgress | None = None):
-    """One image restored with the command's options (the same call for `adaptbir-ray restore`)."""
-    return pipeline.restore(
-        image, seed=seed, steps=args.steps, score=args.score, k=args.k, w=args.w, sr_scale=args.sr_scale,
-        resize_back=not args.no_resize_back, color_fix=args.color_fix, tile_size=args.tile_size,
-        progress=progress.step if progress else None, on_stage=progress.stage if progress else None)
+def restore_loaded(pipeline, image, options: RestoreOptions, progress: ImageProgress | None = None):
+    """One image restored with the batch's options (the same call for `adaptbir-ray restore`)."""
+    return pipeline.restore(image, options, progress=progress.step if progress else None,
+                            on_stage=progress.stage if progress else None)
 
 
-def write_output(job: Job, out, args) -> None:
+def write_output(job: Job, out, settings: BatchSettings) -> None:
     """Atomic: the output appears whole or not at all (its temporary file in `job.temporary_dir` if set)."""
     from .image_io import write_image
 
     write_image(job.target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif,
-                fmt=args.format, quality=args.quality, temporary_dir=job.temporary_dir)
+                fmt=settings.format, quality=settings.quality, temporary_dir=job.temporary_dir)
 
 
 def append_report(path: Path | None, record: dict[str, Any]) -> None:

@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .arguments import DefaultsHelp, check_arguments
-from .backends import BACKENDS, CPU_PRECISIONS, backend_status
-from .batch import FORMATS, Job, check_report, image_files, plan_jobs, restore_batch, without_path
-from .errors import AdaptBIRError, ArgumentError
+from .arguments import DefaultsHelp
+from .backend import BACKENDS, add_backend_arguments
+from .backends import backend_status
+from .batch import add_restore_arguments, image_files, restore_batch, restore_command, without_path
+from .errors import AdaptBIRError
 from .manifest import Manifest
-from .plan import bytes_argument
+from .options import RestoreOptions
 from .progress import printable, say
 
 
@@ -35,14 +36,15 @@ def _parser() -> argparse.ArgumentParser:
                        description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
                        "reported and the batch goes on (exit 1), usage errors exit 2; Ctrl-C, SIGTERM or SIGHUP stop "
                        "it after the current image (exit 128 + the signal: 130, 143, 129).")
-    restore_arguments(r)
+    add_restore_arguments(r)
     p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
                        formatter_class=DefaultsHelp,
                        description="For each image (its header only): processing size, MUSIQ tokens, tiled or "
                        "untiled and why, and the predicted peak memory against the budget. Nothing runs.")
     p.add_argument("inputs", nargs="+", type=Path, metavar="IMAGE", help="image files or directories (recursive)")
     p.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
-    _planning_options(p)
+    add_backend_arguments(p)
+    RestoreOptions.add_arguments(p, planning_only=True)
     p.add_argument("--json", action="store_true", help="one JSON object per image instead of a line")
     i = sub.add_parser("info", help="print an engine directory's manifest as a table")
     i.add_argument("engines", type=Path, help="engine directory (adaptbir-export build)")
@@ -50,62 +52,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def restore_arguments(r: argparse.ArgumentParser) -> None:
-    """The arguments of `adaptbir restore`, shared with `adaptbir-ray restore` (one CLI, two engines)."""
-    r.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or directories (recursive)")
-    r.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR",
-                   help="output folder (created; folders keep their layout inside it)")
-    r.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
-    _planning_options(r)
-    r.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
-    r.add_argument("--steps", type=int, default=50, help="sampling steps (2..1000)")
-    r.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
-    r.add_argument("--k", type=float, help="override the latent interpolation weight k")
-    r.add_argument("--w", type=float, help="override the CSFT strength w")
-    r.add_argument("--color-fix", default="none", choices=("none", "adain", "wavelet"),
-                   help="match the colours of the input's reconstruction")
-    r.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format")
-    r.add_argument("--quality", type=int, default=95, help="jpg/webp quality (0..100)")
-    r.add_argument("--on-exists", default="skip", choices=("skip", "overwrite", "suffix"),
-                   help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
-    r.add_argument("--report", type=Path, help="append one JSON record per image to this JSONL file")
-    r.add_argument("--quiet", action="store_true", help="no progress, only errors and the summary")
-
-
-def _planning_options(parser: argparse.ArgumentParser) -> None:
-    """The options that decide how an image runs: shared by `restore` and `plan`, so a plan is the restore's."""
-    parser.add_argument("--backend", default="ort-cpu", choices=BACKENDS,
-                        help="ort-cpu, openvino (CPU, bf16 where the CPU has it), ort-cuda, ort-trt, trt")
-    parser.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
-                        help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
-    parser.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
-    parser.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale (0.125..16)")
-    parser.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
-    parser.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; default: "
-                        "untiled whenever the predicted peak fits the memory budget, else 512 px tiles)")
-    parser.add_argument("--memory-budget", type=bytes_argument, metavar="SIZE",
-                        help="memory a restore may use, e.g. 12G (default: 85%% of what the process can reach)")
-
-
 def _plan(args) -> int:
     """`adaptbir plan`: the manifest and each image's header only; no engine is loaded."""
     from .backends import openvino_core, openvino_precision
     from .image_io import image_size
     from .manifest import load_manifest
-    from .plan import plan_restore
-    from .preprocess import plan_geometry
+    from .plan import plan_image
 
-    check_arguments(score=args.score, sr_scale=args.sr_scale, tile_size=args.tile_size)
+    options = RestoreOptions.from_namespace(args)
     manifest = load_manifest(args.engines, verify=False)
-    precision = openvino_precision(openvino_core(), args.cpu_precision) if args.backend == "openvino" else None
+    chosen = BACKENDS[args.backend].chooses_precision
+    precision = openvino_precision(openvino_core(), args.cpu_precision) if chosen else None
     paths = [p for item in args.inputs for p in (image_files(item) if item.is_dir() else [item])]
     failed = 0
     for path in paths:
         try:
-            geometry = plan_geometry(*image_size(path), sr_scale=args.sr_scale, resize_back=not args.no_resize_back)
-            plan = plan_restore(manifest, geometry, backend=args.backend, precision=precision,
-                                tile_size=args.tile_size, score_given=args.score is not None,
-                                memory_budget=args.memory_budget)
+            plan = plan_image(manifest, image_size(path), options, backend=args.backend, precision=precision)
             _plan_line(args.json, {"input": str(path), **plan.record()}, f"{path}: {plan.summary()}")
         except AdaptBIRError as err:
             failed += 1
@@ -122,22 +84,8 @@ def _plan_line(as_json: bool, record: dict[str, Any], line: str) -> None:
         say(line, sys.stdout)
 
 
-def check_restore_arguments(args) -> tuple[list[Job], list[str]]:
-    """Usage errors first, all before the engines load and before any image is touched (exit 2); then
-    where every input lands (`plan_jobs`)."""
-    check_arguments(steps=args.steps, seed=args.seed, score=args.score, k=args.k, w=args.w,
-                    sr_scale=args.sr_scale, color_fix=args.color_fix, tile_size=args.tile_size)
-    if not 0 <= args.quality <= 100:
-        raise ArgumentError(f"--quality must be from 0 to 100, not {args.quality}")
-    if args.threads is not None and args.threads < 1:
-        raise ArgumentError(f"--threads must be at least 1, not {args.threads}")
-    jobs, problems = plan_jobs(args.inputs, args.out, args.format, args.on_exists)
-    check_report(args.report, jobs)
-    return jobs, problems
-
-
 def _restore(args) -> int:
-    return restore_batch(args, *check_restore_arguments(args))
+    return restore_batch(*restore_command(args))
 
 
 def _info(args) -> int:

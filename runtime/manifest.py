@@ -34,6 +34,7 @@ from .errors import EngineError, shortened
 from .gating import RULE
 from .graph_content import content_problems
 from .graphs import GRAPHS, GraphSpec, TensorSpec, contract_problems, onnx_problems
+from .musiq_patches import token_count
 from .sampler import check_schedule
 
 SCHEMA_VERSION = 1
@@ -139,6 +140,10 @@ class MusiqLimits:
     patch_size: int
     longer_side_lengths: tuple[int, ...]
     spatial_pos_grid_size: int
+
+    def tokens(self, height: int, width: int) -> int:
+        """MUSIQ's token count for a (padded) image of these sizes: its resized scales' and its own patches."""
+        return token_count(height, width, self.patch_size, self.longer_side_lengths)
 
 
 @dataclass(frozen=True)
@@ -263,7 +268,7 @@ class Manifest:
     def graph(self, name: str) -> GraphSpec:
         """The graph's description: its recorded inputs and outputs, the runtime's tolerance for it."""
         g = self.graphs[name]
-        known = GRAPHS.get(name)
+        known = GRAPHS[name].spec if name in GRAPHS else None
         return replace(known, inputs=g.inputs, outputs=g.outputs) if known else GraphSpec(name, g.inputs, g.outputs)
 
     def _file(self, name: str) -> Path:
@@ -341,8 +346,19 @@ class Manifest:
             problems.append(f"schedule: default_steps {schedule.default_steps} is not in 2..{self.max_steps}")
         if self.musiq.n_min > self.musiq.n_max:
             problems.append(f"musiq: n_min {self.musiq.n_min} is above n_max {self.musiq.n_max}")
+        problems += self._musiq_problems()
         if problems:
             raise EngineError(f"{self._where}: inconsistent manifest: {'; '.join(problems)}; {REBUILD}")
+
+    def _musiq_problems(self) -> list[str]:
+        """The patch grid is recorded twice, in the model's hyperparameters (what the graph was built with) and in
+        the `musiq` limits (what the runtime cuts patches and counts tokens with): they must be one grid."""
+        model = self.hyperparameters.get("musiq")
+        if "musiq" not in self.graphs or not isinstance(model, dict):
+            return []
+        return [f"musiq: {name} {getattr(self.musiq, name)!r} differs from the model's {model[name]!r}"
+                for name in ("patch_size", "longer_side_lengths", "spatial_pos_grid_size")
+                if name in model and _json(getattr(self.musiq, name)) != _json(model[name])]
 
     def _context_problems(self) -> list[str]:
         """The context file is fed as the UNet's `context` input [B, 77, C] (77 and C as fixed there)."""

@@ -106,26 +106,12 @@ def musiq_bytes(tokens: int, pixels: int, musiq: dict) -> int:
 # memory"; `python tools/restore_memory.py`).
 
 PROCESS_BYTES = 130 * 2**20  # python, numpy, Pillow, ONNX Runtime, before any session
-WEIGHT_FACTOR = {  # resident bytes per graph-file byte, by backend and compute precision
-    ("ort-cpu", "fp32"): 1.05,
-    ("ort-cpu", "fp16"): 3.5,  # no fp16 kernels on the CPU: every weight becomes fp32 at load
-    ("openvino", "f32"): 2.0,  # the read model and the compiled one
-    ("openvino", "bf16"): 2.0,
-}
+# The weights as each backend holds them: `Backend.host_weight_bytes` (runtime/backend.py).
 UNET_ATTENTION_COPIES = 2.5  # [N, N] float32 tensors per head alive at once (logits, scaled, softmax; fitted)
 VAE_ATTENTION_COPIES = 2  # the VAE mid-block's (its scale is folded by ONNX Runtime)
 UNET_ACTIVATIONS = 40  # float32 values alive per level-0 token and channel (GEGLU, skips, ControlNet outputs)
 VAE_ACTIVATIONS = 4  # float32 values alive per full-resolution pixel and channel (resblocks, conv buffers)
 IMAGE_BYTES_PER_PIXEL = 48  # the padded image, its float copies, blend buffers, the decoded image (fitted)
-
-
-def weights_bytes(graph_bytes: int, backend: str, precision: str) -> int:
-    """What the backend holds for `graph_bytes` of graph files (TensorRT: on the device, so none here)."""
-    if backend in ("trt", "ort-trt", "ort-cuda"):
-        return 0
-    return int(graph_bytes * WEIGHT_FACTOR.get((backend, precision), 1.05))
-
-
 
 
 def unet_call_bytes(unet: dict, lat_h: int, lat_w: int, heads_at_once: int | None) -> int:

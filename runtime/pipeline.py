@@ -2,19 +2,20 @@
 
     pipeline = Pipeline.from_engines("engines/sd21-fp16", backend="ort-cpu")
     result = pipeline.restore(image, seed=0)          # uint8 HxWx3/4 numpy array, PIL image or LoadedImage
+    result = pipeline.restore(image, RestoreOptions(seed=0, w=0.5))   # the same options as one value
     result.image, result.score, result.label, result.k, result.w, result.timings
 
 Here live what an image is to a caller — input kinds, alpha, ICC and EXIF carried over, the SR pre-scale,
-padding and resizing back, seeds drawn when not given, every argument checked before any engine runs,
-and the `Result`. One pipeline may be used from several threads at once: it holds no per-call state, and
-the same seeds give the same results as sequential calls.
+padding and resizing back, seeds drawn when not given, the options (`runtime/options.py`) put on this
+directory's schedule, and the `Result`. One pipeline may be used from several threads at once: it holds no
+per-call state, and the same seeds give the same results as sequential calls.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +28,14 @@ from .backends import Engines
 from .errors import ArgumentError
 from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
+from .options import RestoreOptions
 from .plan import RestorePlan
-from .preprocess import Geometry, finish, from_model_range, plan_geometry, prepare, to_model_range
+from .preprocess import Geometry, finish, from_model_range, prepare, to_model_range
 from .sampler import SamplerStep, StepCallback
 from .stages import LatentResult, Progress, StageHook, Stages, Timings
 
-__all__ = ["LatentResult", "Pipeline", "Progress", "RestorePlan", "Result", "SamplerStep", "StageHook", "StepCallback",
-           "Timings"]
+__all__ = ["LatentResult", "Pipeline", "Progress", "RestoreOptions", "RestorePlan", "Result", "SamplerStep",
+           "StageHook", "StepCallback", "Timings"]
 
 
 @dataclass
@@ -95,74 +97,80 @@ class Pipeline:
         """MUSIQ score of a uint8 HxWx3 image, as the pipeline measures it (on the padded image)."""
         return self.stages.score(image_u8)
 
-    def plan(self, size: tuple[int, int], *, sr_scale: float = 1.0, resize_back: bool = True,
-             tile_size: int | None = None, score: float | None = None, memory_budget: int | None = None
-             ) -> RestorePlan:
+    def options(self, options: RestoreOptions | None = None, **changes: Any) -> RestoreOptions:
+        """`options` (default: all defaults) with `changes` (each checked), on this directory's schedule: steps
+        filled in from its default and checked against its timesteps."""
+        if options is None or changes:  # made (and checked) once; given options are not checked again
+            options = RestoreOptions(**changes) if options is None else replace(options, **changes)
+        return options.for_schedule(self.manifest.schedule.default_steps, self.max_steps)
+
+    def plan(self, size: tuple[int, int], options: RestoreOptions | None = None, **changes: Any) -> RestorePlan:
         """How `restore` would run an image of `size` (height, width) with these options, before anything
         runs: processing size, MUSIQ tokens, tiled or not and why, predicted peak memory (InputError when
-        not even tiles fit the budget)."""
-        check_arguments(score=score, sr_scale=sr_scale, tile_size=tile_size, resize_back=resize_back)
-        budget = check_memory_budget(memory_budget)
-        geometry = plan_geometry(*size, sr_scale=sr_scale, resize_back=resize_back)
-        return self.stages.plan(geometry, tile_size, score is not None, budget)
+        not even tiles fit the budget). Keyword arguments are `RestoreOptions` fields."""
+        return self.stages.plan(size, self.options(options, **changes))
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
         check_arguments(score=score, k=k, w=w)
         return self.stages.decide(score, k, w)
 
-    def restore_float(self, x: np.ndarray, *, score: float | None = None, k: float | None = None,
-                      w: float | None = None, steps: int = 50, seed: int | None = None, **options: Any
+    def restore_float(self, x: np.ndarray, options: RestoreOptions | None = None, *, x_T: np.ndarray | None = None,
+                      noise: np.ndarray | None = None, progress: Progress | None = None,
+                      on_stage: StageHook | None = None, on_step: StepCallback | None = None, **changes: Any
                       ) -> LatentResult:
         """Stages 3–6 on an already padded float image x [1,3,H,W] in [-1,1]: score (unless given), gate,
-        encode and mix, sample, decode. `options` go to `Stages.run` (x_T, noise, color_fix, tile_size, ...)."""
-        check_arguments(score=score, k=k, w=w, steps=steps, seed=seed, color_fix=options.get("color_fix"),
-                        tile_size=options.get("tile_size"), max_steps=self.max_steps,
-                        progress=options.get("progress"), on_stage=options.get("on_stage"),
-                        on_step=options.get("on_step"))
-        timings = options.setdefault("timings", Timings())
-        if seed is None and (options.get("x_T") is None or options.get("noise") is None):
+        encode and mix, sample, decode (the pre-scale and resizing back do not apply). `x_T` [1,4,h,w] and
+        `noise` [steps,1,4,h,w] replace the seeded draws (golden tests)."""
+        options = self.options(options, **changes)
+        check_arguments(progress=progress, on_stage=on_stage, on_step=on_step)
+        timings = Timings()
+        seed = options.seed
+        if seed is None and (x_T is None or noise is None):
             seed = secrets.randbits(63)
+        score = options.score
         if score is None:
             with timings.stage("musiq"):
                 score = self.stages.score(from_model_range(x), timings)
-        return self.stages.run(x, self.stages.decide(score, k, w), steps=steps, seed=seed, **options)
+        return self.stages.run(x, self.stages.decide(score, options.k, options.w), steps=options.steps, seed=seed,
+                               x_T=x_T, noise=noise, color_fix=options.color_fix, tile_size=options.tile_size,
+                               progress=progress, timings=timings, on_stage=on_stage, on_step=on_step)
 
-    def restore(self, image: np.ndarray | Image.Image | LoadedImage, *, seed: int | None = None, steps: int = 50,
-                score: float | None = None, k: float | None = None, w: float | None = None, sr_scale: float = 1.0,
-                resize_back: bool = True, color_fix: str = "none", tile_size: int | None = None,
+    def restore(self, image: np.ndarray | Image.Image | LoadedImage, options: RestoreOptions | None = None, *,
                 progress: Progress | None = None, on_stage: StageHook | None = None,
-                on_step: StepCallback | None = None, memory_budget: int | None = None) -> Result:
+                on_step: StepCallback | None = None, **changes: Any) -> Result:
         """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
 
-        `progress(i, n)` follows the sampling steps (raise to cancel); `on_step(SamplerStep)` gets each step's
-        timestep, x_t and x0 prediction (read-only views, e.g. for a preview); `on_stage(name, tiles)` is called as
-        each stage begins (musiq, encode, sample, decode) with the number of tiles it runs on. Tiling follows
-        `plan` (the same arguments give the same plan); `Result.plan` says what was decided and why.
+        `options` (`RestoreOptions`), or its fields as keyword arguments (`restore(image, seed=0, w=0.5)`),
+        or both (the keywords change the options). `progress(i, n)` follows the sampling steps (raise to
+        cancel); `on_step(SamplerStep)` gets each step's timestep, x_t and x0 prediction (read-only views, e.g.
+        for a preview); `on_stage(name, tiles)` is called as each stage begins (musiq, encode, sample, decode)
+        with the number of tiles it runs on. Tiling follows `plan` (the same options give the same plan);
+        `Result.plan` says what was decided and why.
 
-        Every argument is checked before any engine runs (`ArgumentError`, see `runtime/arguments.py`)."""
-        notes = check_arguments(steps=steps, seed=seed, score=score, k=k, w=w, sr_scale=sr_scale,
-                                color_fix=color_fix, tile_size=tile_size, max_steps=self.max_steps,
-                                resize_back=resize_back, progress=progress, on_stage=on_stage, on_step=on_step)
-        memory_budget = check_memory_budget(memory_budget)
+        Every argument is checked before any engine runs (`ArgumentError`, see `runtime/options.py`)."""
+        options = self.options(options, **changes)
+        check_arguments(progress=progress, on_stage=on_stage, on_step=on_step)
+        notes = options.warnings
         timings = Timings()
         started = time.perf_counter()
         loaded = image if isinstance(image, LoadedImage) else from_array(image)
         if 0 in loaded.rgb.shape[:2]:
             raise ArgumentError(f"the image is empty ({loaded.rgb.shape[1]}×{loaded.rgb.shape[0]} pixels, W×H)")
-        seed = secrets.randbits(63) if seed is None else int(seed)
+        seed = secrets.randbits(63) if options.seed is None else options.seed
         with timings.stage("preprocess"):
-            geometry = plan_geometry(*loaded.rgb.shape[:2], sr_scale=sr_scale, resize_back=resize_back)
-            plan = self.stages.plan(geometry, tile_size, score is not None, memory_budget)  # before any engine
-            padded = prepare(loaded.rgb, geometry, sr_scale)
+            plan = self.stages.plan(loaded.rgb.shape[:2], options)  # before any engine
+            geometry = plan.geometry
+            padded = prepare(loaded.rgb, geometry, options.sr_scale)
         measured = None
-        if score is None:
+        if options.score is None:
             if on_stage:
                 on_stage("musiq", 1)
             with timings.stage("musiq"):
                 measured = self.stages.score(padded, timings)
-        decision = self.stages.decide(measured if score is None else float(score), k, w)
-        latent = self.stages.run(to_model_range(padded), decision, steps=steps, seed=seed, color_fix=color_fix,
-                                 plan=plan, progress=progress, timings=timings, on_stage=on_stage, on_step=on_step)
+        decision = self.stages.decide(measured if measured is not None else options.score, options.k, options.w)
+        latent = self.stages.run(to_model_range(padded), decision, steps=options.steps, seed=seed,
+                                 color_fix=options.color_fix, plan=plan, progress=progress, timings=timings,
+                                 on_stage=on_stage, on_step=on_step)
         with timings.stage("postprocess"):
             rgb = finish(latent.image_u8, geometry)
             out = self._like_input(image, loaded, rgb)
@@ -170,7 +178,7 @@ class Pipeline:
         if measured is not None and measured < 0:  # the reference asserts this away; random weights do it
             notes.append(f"negative MUSIQ score {measured:.3f} (random weights?): treated as severe")
         source = "given" if measured is None else "measured"
-        return Result(out, decision.score, source, decision.label, decision.k, decision.w, seed, steps,
+        return Result(out, decision.score, source, decision.label, decision.k, decision.w, seed, options.steps,
                       timings.to_dict(), _sizes(geometry), plan, notes, self.engines.backend,
                       self.engines.compute_precision)
 

@@ -9,27 +9,20 @@ still makes available.
 
 from __future__ import annotations
 
-import argparse
-import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .errors import ArgumentError, InputError
+from .backend import describe
+from .errors import InputError
+from .graphs import GRAPHS
 from .manifest import Manifest
-from .memory import (
-    IMAGE_BYTES_PER_PIXEL,
-    PROCESS_BYTES,
-    GiB,
-    available_bytes,
-    musiq_bytes,
-    rss_bytes,
-    unet_call_bytes,
-    vae_call_bytes,
-    weights_bytes,
-)
-from .musiq_patches import token_count
-from .preprocess import Geometry
+from .memory import IMAGE_BYTES_PER_PIXEL, PROCESS_BYTES, GiB, available_bytes, rss_bytes
+from .preprocess import Geometry, plan_geometry
 from .sizes import describe_size
-from .tiling import LATENT_TILE, TILE_ABOVE_PIXELS, tiles
+from .tiling import TILE_ABOVE_PIXELS, TILE_PX, Tile, grid
+
+if TYPE_CHECKING:
+    from .options import RestoreOptions
 
 BUDGET_FRACTION = 0.85  # of RSS + available: room for the caller's own memory and the estimate's error
 STAGES = ("musiq", "encode", "sample", "decode")
@@ -40,7 +33,7 @@ class RestorePlan:
     geometry: Geometry
     tokens: int | None  # MUSIQ's token count; None when the score is given (or there is no MUSIQ)
     tile_px: int | None  # tile size in pixels; None = one untiled pass
-    tiles: int
+    grid: tuple[Tile, ...]  # the latent windows every tiled stage runs on (one: the whole latent)
     reason: str  # why tiled or not
     stages: dict[str, int]  # predicted peak RSS of the process during each stage, bytes
     budget: int | None  # bytes; None where the available memory cannot be read
@@ -50,6 +43,10 @@ class RestorePlan:
     @property
     def tiled(self) -> bool:
         return self.tile_px is not None
+
+    @property
+    def tiles(self) -> int:
+        return len(self.grid)
 
     @property
     def peak_stage(self) -> str:
@@ -84,43 +81,51 @@ def default_budget() -> int | None:
     return int(BUDGET_FRACTION * (available + held))
 
 
-def parse_bytes(text: str) -> int:
-    """`12G`, `12GiB`, `800M`, `800MiB`, `0.5g` (binary units; a bare number is GiB)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text or "")
-    if not match or float(match.group(1)) <= 0:
-        raise ArgumentError(f"memory size {text!r}: write it as e.g. 12G, 12GiB or 800M")
-    power = {"k": 1, "m": 2, "g": 3, "t": 4, "": 3}[match.group(2).lower()]
-    size = int(float(match.group(1)) * 1024**power)
-    if size < 1:
-        raise ArgumentError(f"memory size {text!r} is below one byte")
-    return size
-
-
-def bytes_argument(text: str) -> int:
-    """`parse_bytes` as an argparse type, so a bad size is a usage error."""
-    try:
-        return parse_bytes(text)
-    except ArgumentError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: tuple[int, int],
-                     tile: int | None, tokens: int | None) -> dict[str, int]:
-    """Peak RSS of the process during each stage of one restore of a `padded` image, `tile` latent tiles."""
-    hp = manifest.hyperparameters
-    lat_h, lat_w = padded[0] // 8, padded[1] // 8
-    th, tw = (min(tile, lat_h), min(tile, lat_w)) if tile else (lat_h, lat_w)
-    weights = weights_bytes(sum(manifest.graph_bytes(name) for name in manifest.graphs), backend, precision)
-    held = PROCESS_BYTES + weights + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1]
-    unet = manifest.graphs.get("unet")
-    stages = {
-        "encode": vae_call_bytes(hp["vae"], th, tw),
-        "sample": unet_call_bytes(hp["unet"], th, tw, unet.attention_heads_at_once if unet else None),
-        "decode": vae_call_bytes(hp["vae"], th, tw),
-    }
-    if tokens is not None:
-        stages = {"musiq": musiq_bytes(tokens, padded[0] * padded[1], hp["musiq"]), **stages}
-    return {name: held + value for name, value in stages.items()}
+                     window: tuple[int, int] | None, tokens: int | None) -> dict[str, int]:
+    """Peak RSS of the process during each stage of one restore of a `padded` image whose tiled stages run
+    on latent windows of `window` (height, width; None: the whole latent). MUSIQ runs when `tokens` is
+    given, always on the whole image."""
+    factor = manifest.latent.downsample_factor
+    whole = (padded[0] // factor, padded[1] // factor)
+    graph_bytes = sum(manifest.graph_bytes(name) for name in manifest.graphs)
+    held = (PROCESS_BYTES + describe(backend).host_weight_bytes(graph_bytes, precision)
+            + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1])
+    calls = {}
+    for name, entry in manifest.graphs.items():
+        graph = GRAPHS[name]
+        if graph.stage == "musiq" and tokens is None:
+            continue  # the score is given: MUSIQ does not run
+        size = (window or whole) if graph.tiled else whole
+        calls[graph.stage] = graph.call_bytes(manifest.hyperparameters, *size, tokens=tokens,
+                                              heads_at_once=entry.attention_heads_at_once)
+    return {stage: held + calls[stage] for stage in STAGES if stage in calls}
+
+
+def musiq_tokens(manifest: Manifest, backend: str, padded: tuple[int, int]) -> int:
+    """MUSIQ's token count for a padded image, refused (InputError) beyond what the backend serves: TensorRT
+    plans serve the token counts of their profile (up to the directory's `musiq.n_max`); the other backends
+    any count that fits in memory. `restore`, `plan` and a score alone all ask here."""
+    tokens = manifest.musiq.tokens(*padded)
+    limit = describe(backend).musiq_token_limit(manifest)
+    if limit is not None and tokens > limit:
+        raise InputError(
+            f"image too large for the MUSIQ TensorRT plan: {tokens} tokens, its profile serves at most {limit}; "
+            "give the score (--score S), use the ort-cpu or openvino backend (no token limit), or rebuild with a "
+            "larger `adaptbir-export build --musiq-n-max` and its plans")
+    return tokens
+
+
+def plan_image(manifest: Manifest, size: tuple[int, int], options: RestoreOptions, *, backend: str = "ort-cpu",
+               precision: str | None = None, memory_budget: int | None = None) -> RestorePlan:
+    """The plan of restoring an image of `size` (height, width) with `options`, on `backend`: the one
+    decision `Pipeline.restore`, `Pipeline.plan`, `adaptbir plan` and `adaptbir-ray` take. `memory_budget`
+    (bytes) applies where the options give none (default: `default_budget()`)."""
+    geometry = plan_geometry(*size, sr_scale=options.sr_scale, resize_back=options.resize_back,
+                             pad_multiple=manifest.latent.pad_multiple)
+    budget = memory_budget if options.memory_budget is None else options.memory_budget
+    return plan_restore(manifest, geometry, backend=backend, precision=precision, tile_size=options.tile_size,
+                        score_given=options.score is not None, memory_budget=budget)
 
 
 def plan_restore(manifest: Manifest, geometry: Geometry, *, backend: str = "ort-cpu", precision: str | None = None,
@@ -131,36 +136,36 @@ def plan_restore(manifest: Manifest, geometry: Geometry, *, backend: str = "ort-
     larger); otherwise untiled whenever the predicted peak fits `memory_budget` (bytes; default
     `default_budget()`), 512 px tiles when only they fit. Raises InputError when not even the tiles fit."""
     precision = precision or manifest.precision
-    padded = geometry.padded
+    padded, factor = geometry.padded, manifest.latent.downsample_factor
+    latent = (padded[0] // factor, padded[1] // factor)
     tokens = None
-    if not score_given and "musiq" in manifest.graphs:
-        tokens = token_count(*padded, manifest.musiq.patch_size, manifest.musiq.longer_side_lengths)
+    if not score_given and any(GRAPHS[name].stage == "musiq" for name in manifest.graphs):
+        tokens = musiq_tokens(manifest, backend, padded)
     budget = default_budget() if memory_budget is None else memory_budget
 
-    def plan(tile: int | None, reason: str) -> RestorePlan:
-        stages = predicted_stages(manifest, backend, precision, padded, tile, tokens)
-        count = len(tiles(padded[0] // 8, padded[1] // 8, tile, tile // 2)) if tile else 1
-        return RestorePlan(geometry, tokens, tile * 8 if tile else None, count, reason, stages, budget, backend,
-                           precision)
+    def plan(tile_px: int | None, reason: str) -> RestorePlan:
+        windows = grid(*latent, tile_px // factor if tile_px else None)  # the one conversion to latent units
+        stages = predicted_stages(manifest, backend, precision, padded, (windows[0].h, windows[0].w), tokens)
+        return RestorePlan(geometry, tokens, tile_px, windows, reason, stages, budget, backend, precision)
 
     if tile_size is not None:
-        tile = tile_size // 8 if tile_size and max(padded) > tile_size else None
+        tile = tile_size if tile_size and max(padded) > tile_size else None
         return plan(tile, f"tile size {tile_size} px given" if tile_size else "tiling turned off (tile size 0)")
-    if backend in ("trt", "ort-trt", "ort-cuda"):  # device memory is not modelled: the former pixel rule
+    if not describe(backend).predicts_memory:  # device memory is not modelled: the former pixel rule
         large = padded[0] * padded[1] > TILE_ABOVE_PIXELS
-        return plan(LATENT_TILE if large else None,
+        return plan(TILE_PX if large else None,
                     f"{backend}: device memory is not predicted; tiles above {describe_size(768, 768)}")
     if budget is None:
         return plan(None, "untiled (the available memory cannot be read here)")
     untiled = plan(None, f"its predicted peak fits the {budget / GiB:.1f} GiB memory budget")
     if untiled.peak_bytes <= budget:
         return untiled
-    tiled = plan(LATENT_TILE, f"untiled would need {untiled.peak_bytes / GiB:.1f} GiB "
-                              f"({untiled.peak_stage}), over the {budget / GiB:.1f} GiB memory budget")
+    tiled = plan(TILE_PX, f"untiled would need {untiled.peak_bytes / GiB:.1f} GiB "
+                          f"({untiled.peak_stage}), over the {budget / GiB:.1f} GiB memory budget")
     if tiled.peak_bytes > budget:
         stage = tiled.peak_stage
         hint = "give the score (--score S) or downscale it" if stage == "musiq" else "downscale it"
         raise InputError(f"a {describe_size(*geometry.input)} image needs about {tiled.peak_bytes / GiB:.1f} GiB "
-                         f"even in {LATENT_TILE * 8} px tiles ({stage}), over the {budget / GiB:.1f} GiB budget; "
+                         f"even in {TILE_PX} px tiles ({stage}), over the {budget / GiB:.1f} GiB budget; "
                          f"{hint}, or raise the budget (--memory-budget) on a machine with more memory")
     return tiled

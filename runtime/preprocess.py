@@ -1,5 +1,6 @@
 """Pre- and post-processing around the diffusion (reference `scale_auto`): SR pre-scale, short side up
-to 512, edge padding to a multiple of 64; then clip + truncate to uint8, crop, resize back."""
+to 512, edge padding to the engine directory's multiple (`Latent.pad_multiple`, 64 for SD); then clip +
+truncate to uint8, crop, resize back."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from .errors import InputError
 from .sizes import describe_size
 
 MIN_SHORT_SIDE = 512
-PAD_MULTIPLE = 64
+PAD_MULTIPLE = 64  # SD's: the VAE downsamples 8×, the UNet 8× more (the manifest records it)
 MAX_PROCESSING_PIXELS = 8192 * 8192  # beyond this even tiled restoration is impractical: refuse clearly
 
 
@@ -23,7 +24,7 @@ class Geometry:
 
     input: tuple[int, int]  # as read
     processing: tuple[int, int]  # after SR pre-scale and short-side upscaling
-    padded: tuple[int, int]  # processing size edge-padded to a multiple of 64
+    padded: tuple[int, int]  # processing size edge-padded to the pad multiple
     output: tuple[int, int]  # what is written: input × sr_scale, or the processing size
 
 
@@ -33,7 +34,8 @@ def _resize(rgb: np.ndarray, size_hw: tuple[int, int], resample: int) -> np.ndar
     return np.asarray(Image.fromarray(rgb).resize((size_hw[1], size_hw[0]), resample))
 
 
-def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: bool = True) -> Geometry:
+def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: bool = True,
+                  pad_multiple: int = PAD_MULTIPLE) -> Geometry:
     if not sr_scale > 0:
         raise InputError(f"sr_scale must be positive, not {sr_scale}")
     h, w = (math.ceil(height * sr_scale), math.ceil(width * sr_scale)) if sr_scale != 1 else (height, width)
@@ -41,7 +43,7 @@ def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: b
     if min(h, w) < MIN_SHORT_SIDE:
         ratio = MIN_SHORT_SIDE / min(h, w)
         h, w = math.ceil(h * ratio), math.ceil(w * ratio)
-    padded = (-(-h // PAD_MULTIPLE) * PAD_MULTIPLE, -(-w // PAD_MULTIPLE) * PAD_MULTIPLE)
+    padded = (-(-h // pad_multiple) * pad_multiple, -(-w // pad_multiple) * pad_multiple)
     if padded[0] * padded[1] > MAX_PROCESSING_PIXELS:
         raise InputError(
             f"a {describe_size(height, width)} input becomes {describe_size(*padded)} for processing (the short "

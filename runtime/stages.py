@@ -11,19 +11,24 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .backend import describe
 from .backends import Engines
 from .colorfix import color_fix as apply_color_fix
 from .errors import InputError
 from .gating import Gate, gate
 from .memory import GiB, available_bytes, musiq_bytes
-from .musiq_patches import batch_feeds, extract_tokens, token_count
-from .plan import RestorePlan, plan_restore
+from .musiq_patches import batch_feeds, extract_tokens
+from .plan import RestorePlan, musiq_tokens, plan_image, plan_restore
 from .preprocess import Geometry, to_uint8
 from .sampler import NoiseSource, SamplerStep, Schedule, StepCallback, sample
-from .tiling import Tile, blend, tiles
+from .tiling import Tile, blend
+
+if TYPE_CHECKING:
+    from .options import RestoreOptions
 
 Progress = Callable[[int, int], None]  # after sampling step i of n; raising cancels the restore
 StageHook = Callable[[str, int], None]  # a stage ("musiq", "encode", "sample", "decode") begins, on N tiles
@@ -84,22 +89,16 @@ class Stages:
         any token count on ONNX Runtime and OpenVINO; checked before any patch is extracted."""
         if not self.engines.has("musiq"):
             raise InputError("this engine directory has no MUSIQ graph: give the score (--score S)")
-        limits = self.manifest.musiq
         h, w = padded_u8.shape[:2]
-        self.check_musiq_fits(token_count(h, w, limits.patch_size, limits.longer_side_lengths), h * w)
-        tokens = extract_tokens(padded_u8, limits.longer_side_lengths)
+        self.check_musiq_fits(musiq_tokens(self.manifest, self.engines.backend, (h, w)), h * w)
+        tokens = extract_tokens(padded_u8, self.manifest.musiq.longer_side_lengths)
         (score,) = self.engines.run("musiq", batch_feeds([tokens]), timings.engine if timings else None)
         return float(score[0])
 
     def check_musiq_fits(self, tokens: int, pixels: int) -> None:
-        """TensorRT plans serve the token counts of their profile (up to the directory's `musiq.n_max`); the
-        other backends take any count that fits in the memory this process can still allocate."""
-        if self.engines.backend == "trt":
-            if tokens > self.manifest.musiq.n_max:
-                raise InputError(
-                    f"image too large for the MUSIQ TensorRT plan: {tokens} tokens, its profile serves at most "
-                    f"{self.manifest.musiq.n_max}; give the score (--score S), use the ort-cpu or openvino backend "
-                    "(no token limit), or rebuild with a larger `adaptbir-export build --musiq-n-max` and its plans")
+        """On a backend whose memory is predicted, MUSIQ's attention (it grows with the tokens' square) must
+        fit in what this process can still allocate (the token limit is `plan.musiq_tokens`')."""
+        if not describe(self.engines.backend).predicts_memory:
             return
         need, available = musiq_bytes(tokens, pixels, self.manifest.hyperparameters["musiq"]), available_bytes()
         if available is not None and need > available:
@@ -120,17 +119,18 @@ class Stages:
 
     # ---------------------------------------------------------------------- 4. encode and mix
 
-    def encode(self, x: np.ndarray, tile: int | None, timings: Timings) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, x: np.ndarray, windows: tuple[Tile, ...], timings: Timings) -> tuple[np.ndarray, np.ndarray]:
         """Dual encoder: z_restore, z_identity [1,4,h,w] in the diffusion latent space."""
-        lat_h, lat_w = x.shape[2] // 8, x.shape[3] // 8
+        factor, channels = self.manifest.latent.downsample_factor, self.manifest.latent.channels
+        lat_h, lat_w = x.shape[2] // factor, x.shape[3] // factor
 
         def run(window: Tile) -> np.ndarray:
-            image = np.ascontiguousarray(window.of(x, scale=8))
+            image = np.ascontiguousarray(window.of(x, scale=factor))
             z_restore, z_identity = self.engines.run("dual_encoder", {"image": image}, timings.engine)
-            return np.concatenate([z_restore, z_identity], axis=1)
+            return np.concatenate([z_restore, z_identity], axis=1)  # blended together
 
-        both = blend(run, self.grid(lat_h, lat_w, tile), (1, 8, lat_h, lat_w))
-        return both[:, :4], both[:, 4:]
+        both = blend(run, windows, (1, 2 * channels, lat_h, lat_w))
+        return both[:, :channels], both[:, channels:]
 
     @staticmethod
     def mix(z_restore: np.ndarray, z_identity: np.ndarray, k: float) -> np.ndarray:
@@ -139,12 +139,11 @@ class Stages:
 
     # --------------------------------------------------------------------------------- 5. sample
 
-    def eps_model(self, cond: np.ndarray, csft_w: float, tile: int | None, timings: Timings):
+    def eps_model(self, cond: np.ndarray, csft_w: float, windows: tuple[Tile, ...], timings: Timings):
         """The UNet-with-controls as the sampler's `eps(x, t)`, on blended latent tiles when tiled; the CSFT
         strength goes to the graph's input `w`."""
         context = self.context
         strength = np.array([csft_w], dtype=np.float32)
-        grid = self.grid(cond.shape[2], cond.shape[3], tile)
 
         def eps(x: np.ndarray, t: np.ndarray) -> np.ndarray:
             def run(window: Tile) -> np.ndarray:
@@ -152,37 +151,29 @@ class Stages:
                          "cond": np.ascontiguousarray(window.of(cond)), "w": strength}
                 return self.engines.run("unet", feeds, timings.engine)[0]
 
-            return blend(run, grid, x.shape)
+            return blend(run, windows, x.shape)
 
         return eps
 
     # -------------------------------------------------------------------------------- 6. decode
 
-    def decode(self, latent: np.ndarray, tile: int | None, timings: Timings) -> np.ndarray:
+    def decode(self, latent: np.ndarray, windows: tuple[Tile, ...], timings: Timings) -> np.ndarray:
+        factor = self.manifest.latent.downsample_factor
         lat_h, lat_w = latent.shape[2:]
 
         def run(window: Tile) -> np.ndarray:
             return self.engines.run("decoder", {"latent": np.ascontiguousarray(window.of(latent))}, timings.engine)[0]
 
-        return blend(run, self.grid(lat_h, lat_w, tile), (1, 3, 8 * lat_h, 8 * lat_w), scale=8)
+        return blend(run, windows, (1, 3, factor * lat_h, factor * lat_w), scale=factor)
 
-    # -------------------------------------------------------------------------------- tiling
+    # ------------------------------------------------------------------------------- the plan
 
-    @staticmethod
-    def grid(lat_h: int, lat_w: int, tile: int | None) -> list[Tile]:
-        if not tile:
-            return [Tile(0, 0, lat_h, lat_w)]
-        return tiles(lat_h, lat_w, tile, tile // 2)  # 512 px tiles overlap by 256 px
-
-    def plan(self, geometry: Geometry, tile_size: int | None = None, score_given: bool = False,
-             memory_budget: int | None = None) -> RestorePlan:
-        """How a restore of these sizes will run on these engines (`runtime/plan.py`): tiled or not and why,
-        the predicted peak. `tile_size` in pixels: None = untiled when it fits the memory budget, 0 = never
-        tile, else tiles of that size when the image is larger. Raises InputError when nothing fits."""
-        budget = self.memory_budget if memory_budget is None else memory_budget
-        return plan_restore(self.manifest, geometry, backend=self.engines.backend,
-                            precision=self.engines.compute_precision, tile_size=tile_size, score_given=score_given,
-                            memory_budget=budget)
+    def plan(self, size: tuple[int, int], options: RestoreOptions) -> RestorePlan:
+        """How a restore of an image of `size` (height, width) with `options` runs on these engines
+        (`plan.plan_image`, the decision `adaptbir plan` takes too): sizes, tiled or not and why, the
+        predicted peak. Raises InputError when nothing fits."""
+        return plan_image(self.manifest, size, options, backend=self.engines.backend,
+                          precision=self.engines.compute_precision, memory_budget=self.memory_budget)
 
     # ------------------------------------------------------------------------------- 4 to 6
 
@@ -193,24 +184,27 @@ class Stages:
             ) -> LatentResult:
         """Encode and mix, sample, decode a padded image x [1,3,H,W] in [-1,1] for a decided gate.
 
-        Tiling follows `plan` when the caller has one (`Pipeline.restore` plans before any engine runs),
-        else a plan of the padded size with `tile_size`. The noise comes from `seed` (the runtime's RNG
-        protocol), or `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] given (golden tests). After each sampling
-        step `progress(i, n)` and `on_step(SamplerStep)` (x_t and the x0 prediction) are called."""
+        The tiled stages run on `plan.grid` when the caller has a plan (`Pipeline.restore` plans before any
+        engine runs), else on the grid of a plan of the padded size with `tile_size` (pixels). The noise comes
+        from `seed` (the runtime's RNG protocol), or `x_T` [1,4,h,w] and `noise` [steps,1,4,h,w] given (golden
+        tests). After each sampling step `progress(i, n)` and `on_step(SamplerStep)` (x_t and the x0
+        prediction) are called."""
         timings = timings or Timings()
-        if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % 64 or x.shape[3] % 64:
-            raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of 64, got {list(x.shape)}")
+        pad = self.manifest.latent.pad_multiple
+        if x.ndim != 4 or x.shape[:2] != (1, 3) or x.shape[2] % pad or x.shape[3] % pad:
+            raise InputError(f"expected a padded image [1,3,H,W] with H, W multiples of {pad}, got {list(x.shape)}")
         if seed is None and (x_T is None or noise is None):
             raise InputError("give a seed, or both x_T and noise")
         if plan is None:
             padded = tuple(x.shape[2:])
-            plan = self.plan(Geometry(padded, padded, padded, padded), tile_size, score_given=True)
-        tile = plan.tile_px // 8 if plan.tiled else None
-        tiles = plan.tiles
+            plan = plan_restore(self.manifest, Geometry(padded, padded, padded, padded), backend=self.engines.backend,
+                                precision=self.engines.compute_precision, tile_size=tile_size, score_given=True,
+                                memory_budget=self.memory_budget)
+        windows, tiles = plan.grid, plan.tiles
         begin = on_stage or (lambda stage, tiles: None)
         begin("encode", tiles)
         with timings.stage("encode"):
-            z_restore, z_identity = self.encode(x, tile, timings)
+            z_restore, z_identity = self.encode(x, windows, timings)
             cond = self.mix(z_restore, z_identity, decision.k)
         schedule = Schedule.from_manifest(self.manifest.schedule, steps)
         source = NoiseSource(seed or 0, cond.shape)
@@ -218,13 +212,13 @@ class Stages:
         noise_at = (lambda i: source.draw()) if noise is None else (lambda i: noise[i])
         begin("sample", tiles)
         with timings.stage("sample"):
-            latent = sample(self.eps_model(cond, decision.w, tile, timings), start, schedule, noise_at,
+            latent = sample(self.eps_model(cond, decision.w, windows, timings), start, schedule, noise_at,
                             _step_callback(progress, on_step))
         begin("decode", tiles)
         with timings.stage("decode"):
-            decoded = self.decode(latent, tile, timings)
+            decoded = self.decode(latent, windows, timings)
             if color_fix != "none":
-                decoded = apply_color_fix(decoded, self.decode(cond, tile, timings), color_fix)
+                decoded = apply_color_fix(decoded, self.decode(cond, windows, timings), color_fix)
         return LatentResult(latent, decoded, to_uint8(decoded), decision, seed, steps, plan)
 
 

@@ -1,7 +1,9 @@
 """Tiled UNet, encoder and decoder so that peak memory is bounded by the tile size, not the image.
 
-The UNet runs on latent tiles (64 = 512 px, overlap 32 = 256 px) and the tiles' eps are blended with
-Gaussian weights into the full latent before each sampler step. The encoder and the decoder run on
+Tiles are counted in latent units here; the plan (`runtime/plan.py`) converts the pixel tile size once and
+hands `Stages` its grid. The UNet runs on latent tiles overlapping by half a tile (512 px tiles: 64 latent
+units, overlap 32 = 256 px) and the tiles' eps are blended with Gaussian weights into the full latent before
+each sampler step. The encoder and the decoder run on
 overlapping tiles blended the same way. Tiled VAE GroupNorm statistics are per tile (one ONNX graph
 cannot share them across tiles): a documented approximation, measured against the untiled result.
 """
@@ -13,9 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-LATENT_TILE = 64  # 512 px
-LATENT_OVERLAP = 32  # 256 px
-TILE_ABOVE_PIXELS = 768 * 768  # padded images larger than this are tiled by default
+TILE_PX = 512  # the default tile: SD 2.1-base's own resolution
+TILE_ABOVE_PIXELS = 768 * 768  # on backends whose memory is not predicted, padded images larger than this are tiled
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -51,19 +52,27 @@ class Tile:
         return array[:, :, self.y * s : (self.y + self.h) * s, self.x * s : (self.x + self.w) * s]
 
 
-def tiles(height: int, width: int, tile: int = LATENT_TILE, overlap: int = LATENT_OVERLAP) -> list[Tile]:
+def tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
     th, tw = min(tile, height), min(tile, width)
     return [Tile(y, x, th, tw) for y in tile_starts(height, tile, overlap) for x in tile_starts(width, tile, overlap)]
 
 
-def blend(fn: Callable[[Tile], np.ndarray], grid: list[Tile], out_shape: tuple[int, ...], scale: int = 1
+def grid(height: int, width: int, tile: int | None) -> tuple[Tile, ...]:
+    """The tiles covering a `height` × `width` latent: one window of it all when `tile` is None, else tiles of
+    `tile` overlapping by half a tile."""
+    if not tile:
+        return (Tile(0, 0, height, width),)
+    return tuple(tiles(height, width, tile, tile // 2))
+
+
+def blend(fn: Callable[[Tile], np.ndarray], windows: tuple[Tile, ...], out_shape: tuple[int, ...], scale: int = 1
           ) -> np.ndarray:
     """Run `fn` per tile and blend its NCHW outputs (of `scale` × the tile size) with Gaussian weights."""
-    if len(grid) == 1:  # one tile covers everything: no blending, exactly the untiled result
-        return fn(grid[0])
+    if len(windows) == 1:  # one tile covers everything: no blending, exactly the untiled result
+        return fn(windows[0])
     total = np.zeros(out_shape, dtype=np.float32)
     weight_sum = np.zeros(out_shape[-2:], dtype=np.float32)
-    for tile in grid:
+    for tile in windows:
         out = fn(tile)
         weights = gaussian_weights(tile.h * scale, tile.w * scale)
         ys, xs = slice(tile.y * scale, (tile.y + tile.h) * scale), slice(tile.x * scale, (tile.x + tile.w) * scale)

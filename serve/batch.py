@@ -24,6 +24,7 @@ known to be unfinished, and a re-run restores it again instead of keeping it as 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -32,11 +33,12 @@ import pickle
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from adaptbir.runtime.arguments import check_arguments
 from adaptbir.runtime.batch import (
+    BatchSettings,
     Job,
     append_records,
     append_report,
@@ -48,14 +50,12 @@ from adaptbir.runtime.batch import (
 )
 from adaptbir.runtime.errors import ArgumentError
 from adaptbir.runtime.manifest import Manifest
+from adaptbir.runtime.options import RestoreOptions
 from adaptbir.runtime.progress import BatchProgress
 from adaptbir.runtime.signals import StopSignals
 
 from .shipping import EngineShipment, default_cache, ship
 
-# Options that decide an output's bytes: the resume key covers them (not --report, --quiet, --threads...).
-OUTPUT_OPTIONS = ("steps", "seed", "score", "k", "w", "sr_scale", "no_resize_back", "tile_size", "memory_budget",
-                  "color_fix", "format", "quality", "backend", "cpu_precision")
 READ_CPUS = 0.25  # a read task's share of a CPU
 READ_MEMORY_SHARE = 0.1  # of a node's memory, left to read tasks when actors claim theirs
 ACTOR_CPU_SHARE = 0.8  # an actor claims this × its threads, so read tasks always find room (a 2-core laptop too)
@@ -109,13 +109,12 @@ def actor_memory(nodes: list[tuple[float, float]], actors: int, claim: float, ne
     return min(actors, fitting), each
 
 
-def smallest_restore_bytes(manifest: Manifest, args) -> int:
+def smallest_restore_bytes(manifest: Manifest, settings: BatchSettings, options: RestoreOptions) -> int:
     """Predicted peak of restoring a 512×512 image with these options: what any actor must be allowed."""
-    from adaptbir.runtime.plan import plan_restore
-    from adaptbir.runtime.preprocess import plan_geometry
+    from adaptbir.runtime.plan import plan_image
 
-    plan = plan_restore(manifest, plan_geometry(512, 512), backend=args.backend, precision=args.cpu_precision,
-                        tile_size=0, score_given=args.score is not None)
+    plan = plan_image(manifest, (512, 512), replace(options, tile_size=0), backend=settings.backend,
+                      precision=settings.cpu_precision)
     return plan.peak_bytes
 
 
@@ -124,10 +123,11 @@ def image_seed(relative: str) -> int:
     return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") >> 1
 
 
-def options_salt(args, engine_id: str) -> bytes:
-    """What, besides the input's bytes, decides an output: the options that change it and the engines."""
-    options = {name: getattr(args, name) for name in OUTPUT_OPTIONS}
-    return json.dumps({"options": options, "engines": engine_id}, sort_keys=True, default=str).encode()
+def options_salt(options: RestoreOptions, settings: BatchSettings, engine_id: str) -> bytes:
+    """What, besides the input's bytes, decides an output: the options, the output settings, the engines
+    (--report, --quiet, --threads... do not)."""
+    decisive = {**options.key(), **settings.output_key()}
+    return json.dumps({"options": decisive, "engines": engine_id}, sort_keys=True, default=str).encode()
 
 
 def resume_key(data: bytes, salt: bytes) -> str:
@@ -173,13 +173,14 @@ def _read(row: dict[str, Any], salt: bytes) -> dict[str, Any]:
 class Restorer:
     """Ray actor: one Pipeline (the engines loaded once), restoring and writing one image per call."""
 
-    def __init__(self, args, shipment: EngineShipment | None = None, memory: int | None = None):
+    def __init__(self, options: RestoreOptions, settings: BatchSettings, shipment: EngineShipment | None = None,
+                 memory: int | None = None, engine_cache: Path | None = None):
         from adaptbir.runtime.pipeline import Pipeline
 
-        self.args = args
-        engines = shipment.unpack(args.engine_cache or default_cache()) if shipment else args.engines
-        self.pipeline = Pipeline.from_engines(engines, backend=args.backend, threads=args.threads,
-                                              precision=args.cpu_precision, memory_budget=memory,
+        self.options, self.settings = options, settings
+        engines = shipment.unpack(engine_cache or default_cache()) if shipment else settings.engines
+        self.pipeline = Pipeline.from_engines(engines, backend=settings.backend, threads=settings.threads,
+                                              precision=settings.cpu_precision, memory_budget=memory,
                                               verify=shipment is None)  # unpack() has just verified it
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -189,10 +190,11 @@ class Restorer:
             record.update(status="failed", error=row["error"])
         else:
             try:
-                result = restore_loaded(self.pipeline, pickle.loads(row["image"]), self.args, row["seed"])
+                options = replace(self.options, seed=row["seed"])
+                result = restore_loaded(self.pipeline, pickle.loads(row["image"]), options)
                 job = Job(Path(row["source"]), Path(row["target"]),
                           temporary_dir=Path(row["temporaries"]) if row["temporaries"] else None)
-                write_output(job, result.image, self.args)
+                write_output(job, result.image, self.settings)
                 record.update(status="ok", output=row["target"], **result.record())
             except Exception as err:  # any per-image failure is recorded and the job goes on
                 record.update(status="failed", error=without_path(err, Path(row["source"])))
@@ -200,22 +202,24 @@ class Restorer:
         return {"record": json.dumps(record)}
 
 
-def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
-    """Run the planned jobs on the cluster of `args.address` (None: a local one); the exit status of
+def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options: RestoreOptions, jobs: list[Job],
+                   problems: list[str]) -> int:
+    """Run the planned jobs on the cluster of `cluster.address` (None: a local one); the exit status of
     `adaptbir restore` (0 all restored, 1 some failed, 128 + the signal when SIGINT, SIGTERM or SIGHUP
     stopped it: what was written stays whole). Every place the job writes is tried first (exit 2)."""
     from adaptbir.runtime.manifest import load_manifest
 
-    manifest = load_manifest(args.engines)  # every file hashed once, here: a bad directory stops the job
-    check_arguments(steps=args.steps, max_steps=manifest.max_steps)  # this directory's schedule
-    salt = options_salt(args, manifest.identity)
-    with StopSignals() as stop, prepared_outputs(args.out, args.report, jobs) as jobs:
-        items, skipped = _dispatch(args, jobs, salt)
+    manifest = load_manifest(settings.engines)  # every file hashed once, here: a bad directory stops the job
+    options = options.for_schedule(manifest.schedule.default_steps, manifest.max_steps)
+    salt = options_salt(options, settings, manifest.identity)
+    with StopSignals() as stop, prepared_outputs(settings.out, settings.report, jobs) as jobs:
+        items, skipped = _dispatch(settings, options, jobs, salt)
         failures, done = list(problems), 0
-        shown = BatchProgress(len(items), quiet=args.quiet)
-        records = _run(args, manifest, items, salt, shown, stop) if items else iter(())
+        shown = BatchProgress(len(items), quiet=settings.quiet)
+        job = _Job(cluster, settings, options, manifest)
+        records = _run(job, items, salt, shown, stop) if items else iter(())
         while (record := _next(records, stop)) is not None:
-            append_report(args.report, record)
+            append_report(settings.report, record)
             if record["status"] == "ok":
                 done += 1
             else:
@@ -223,8 +227,8 @@ def restore_on_ray(args, jobs: list[Job], problems: list[str]) -> int:
                 shown.write(f"adaptbir-ray: {failures[-1]}")
             shown.finished(Path(record["input"]).name, record["status"], record["wall_s"])
         shown.close()
-        return finish_batch(done, skipped, failures, len(jobs) + len(problems), args.out, stop.signum is not None,
-                            stop.signum or signal.SIGINT)
+        return finish_batch(done, skipped, failures, len(jobs) + len(problems), settings.out,
+                            stop.signum is not None, stop.signum or signal.SIGINT)
 
 
 def _next(records, stop: StopSignals) -> dict[str, Any] | None:
@@ -238,11 +242,12 @@ def _next(records, stop: StopSignals) -> dict[str, Any] | None:
         return None
 
 
-def _dispatch(args, jobs: list[Job], salt: bytes) -> tuple[list[dict[str, Any]], int]:
+def _dispatch(settings: BatchSettings, options: RestoreOptions, jobs: list[Job], salt: bytes
+              ) -> tuple[list[dict[str, Any]], int]:
     """The images to restore (and how many are skipped), each recorded in the report before any actor may
     write it: whatever happens to the driver from here on, an output without a later ok record is known to
     be unfinished."""
-    last, root = _last_records(args.report), args.out.resolve()
+    last, root = _last_records(settings.report), settings.out.resolve()
     # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
     # threads: it is file I/O); every other image's key is computed by the read task that loads it.
     candidates = [job for job in jobs if last.get(str(job.target), {}).get("status") == "ok" and job.target.is_file()]
@@ -259,38 +264,53 @@ def _dispatch(args, jobs: list[Job], salt: bytes) -> tuple[list[dict[str, Any]],
             records.append({"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
                             "reason": reason, "output": str(job.target)})
             continue
-        seed = args.seed if args.seed is not None else image_seed(job.target.relative_to(root).as_posix())
+        seed = options.seed if options.seed is not None else image_seed(job.target.relative_to(root).as_posix())
         items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, ""),
                       "temporaries": str(job.temporary_dir or "")})
         records.append({"input": str(job.source), "status": "dispatched", "output": str(job.target)})
-    append_records(args.report, records)
+    append_records(settings.report, records)
     return items, len(records) - len(items)
 
 
-def _run(args, manifest: Manifest, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress,
-         stop: StopSignals):
+@dataclass(frozen=True)
+class _Job:
+    """One `adaptbir-ray restore` run: where the cluster is and how many actors (the command line's cluster
+    flags; the driver's only), the batch's settings and options, the engines' manifest."""
+
+    cluster: argparse.Namespace
+    settings: BatchSettings
+    options: RestoreOptions
+    manifest: Manifest
+
+
+def _run(job: _Job, items: list[dict[str, Any]], salt: bytes, shown: BatchProgress, stop: StopSignals):
     """The Ray Data pipeline over `items`; yields each image's report record as it finishes."""
     import ray
     import ray.data  # configures its logger on import: quieted after
 
-    ray.init(address=args.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+    cluster, settings = job.cluster, job.settings
+    ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
              logging_level=logging.WARNING)
     stop.install()  # ray.init replaced the SIGTERM handler with one that ends the driver at once
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress is ours: one line or bar per image
     ray.data.DataContext.get_current().enable_progress_bars = False
     nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("memory", 0.0))
              for node in ray.nodes() if node["Alive"]]
-    actors, claim = pool_size([cpus for cpus, _ in nodes], args.threads, args.actors)
-    actors, memory = actor_memory(nodes, actors, claim, smallest_restore_bytes(manifest, args), args.memory_budget)
-    if not args.quiet:
-        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {args.threads} threads (each "
+    actors, claim = pool_size([cpus for cpus, _ in nodes], settings.threads, cluster.actors)
+    needed = smallest_restore_bytes(job.manifest, settings, job.options)
+    actors, memory = actor_memory(nodes, actors, claim, needed, job.options.memory_budget)
+    if not settings.quiet:
+        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {settings.threads} threads (each "
                     f"claiming {claim} CPUs and {memory / 2**30:.1f} GiB) on {len(nodes)} nodes"
-                    + (", shipping the engines to each node" if args.ship_engines else ""))
-    shipment = ship(args.engines, manifest) if args.ship_engines else None  # else: every node sees the path
+                    + (", shipping the engines to each node" if cluster.ship_engines else ""))
+    # else every node sees the engines' path
+    shipment = ship(settings.engines, job.manifest) if cluster.ship_engines else None
     dataset = (ray.data.from_items(items, override_num_blocks=len(items))
                .map(_read, fn_kwargs={"salt": salt}, num_cpus=READ_CPUS)
-               .map(Restorer, fn_constructor_kwargs={"args": args, "shipment": shipment, "memory": memory},
+               .map(Restorer, fn_constructor_kwargs={"options": job.options, "settings": settings,
+                                                     "shipment": shipment, "memory": memory,
+                                                     "engine_cache": cluster.engine_cache},
                     compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=claim, memory=memory,
-                    num_gpus=args.num_gpus_per_actor or None))  # Ray Data restarts killed actors, retries tasks
+                    num_gpus=cluster.num_gpus_per_actor or None))  # Ray Data restarts killed actors, retries tasks
     for row in dataset.iter_rows():
         yield json.loads(row["record"])

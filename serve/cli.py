@@ -16,10 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from adaptbir.runtime.arguments import DefaultsHelp
-from adaptbir.runtime.cli import check_restore_arguments, restore_arguments
+from adaptbir.runtime.arguments import DefaultsHelp, bytes_argument
+from adaptbir.runtime.batch import add_restore_arguments, restore_command
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
-from adaptbir.runtime.plan import bytes_argument
 from adaptbir.runtime.progress import say
 
 
@@ -39,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
                        description="`adaptbir restore` as a Ray Data job: the same arguments and outputs; a re-run "
                        "skips what a previous run finished (its report records); a failing image is reported and "
                        "the job goes on (exit 1), usage errors exit 2.")
-    restore_arguments(r)
+    add_restore_arguments(r)
     _cluster_arguments(r)
     r.add_argument("--actors", type=int, help="restoring actors (default: the cluster's CPUs / --threads)")
     r.add_argument("--num-gpus-per-actor", type=float, default=0.0,
@@ -122,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ArgumentError(f"--num-gpus-per-actor must be ≥ 0, not {args.num_gpus_per_actor}")
         if args.report is None:  # the report is what a re-run resumes from
             args.report = args.out / "report.jsonl"
-        jobs, problems = check_restore_arguments(args)
+        settings, options, jobs, problems = restore_command(args)
         from .batch import restore_on_ray
 
-        return restore_on_ray(args, jobs, problems)
+        return restore_on_ray(args, settings, options, jobs, problems)
     except AdaptBIRError as err:
         say(f"adaptbir-ray: error: {err}")
         return 2

@@ -39,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl
 
 import uvicorn
 from ray import serve
@@ -51,10 +50,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError, InputError
+from adaptbir.runtime.options import RestoreOptions
 
 from .shipping import EngineShipment, default_cache, ship
 
-PARAMETERS = {"seed": int, "steps": int, "score": float, "k": float, "w": float}
 ROUTES = {"/restore": ("POST",), "/healthz": ("GET", "HEAD"), "/info": ("GET", "HEAD")}
 INGRESS_CONNECTIONS = 256  # connections the ingress holds at once; beyond, uvicorn answers 503
 _PATH = re.compile(r"(?<![\w/.])/(?:[^\s/'\"]+/)+[^\s'\",;:)]*")  # an absolute path with a folder in it
@@ -232,31 +231,16 @@ class RestoreService:
             self._note(reply.counts)
         return Response(reply.body, status_code=reply.status, headers=reply.headers)
 
-    def _parameters(self, query: bytes) -> dict:
-        """The restore options from the query: each known name at most once, of its type, within limits."""
-        from adaptbir.runtime.arguments import check_arguments
-
-        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        names = [name for name, _ in pairs]
-        unknown = sorted(set(names) - set(PARAMETERS))
-        if unknown:
-            raise Rejected(422, f"unknown parameter(s) {unknown}; known: {', '.join(PARAMETERS)}")
-        repeated = sorted({name for name in names if names.count(name) > 1})
-        if repeated:
-            raise Rejected(422, f"parameter(s) {repeated} given more than once")
-        options = {}
-        for name, value in pairs:
-            try:
-                options[name] = PARAMETERS[name](value)
-            except ValueError:
-                raise Rejected(422, f"{name}={value[:40]!r} is not a {PARAMETERS[name].__name__}") from None
-        steps = options.get("steps", 50)  # Pipeline.restore's default
-        if steps > self.limits.max_steps:
-            raise Rejected(422, f"steps={steps} is above this service's limit of {self.limits.max_steps}")
-        try:  # the runtime's own ranges, the engines' schedule included
-            check_arguments(**options, max_steps=self.engine["max_steps"])
+    def _parameters(self, query: bytes) -> RestoreOptions:
+        """The restore options from the query (`RestoreOptions.from_query`: known names, each once, of its
+        type, within the runtime's ranges), on the engines' schedule, within this service's step limit."""
+        try:
+            options = RestoreOptions.from_query(query.decode("latin-1"))
+            options = options.for_schedule(self.engine["default_steps"], self.engine["max_steps"])
         except ArgumentError as err:
             raise Rejected(422, str(err)) from None
+        if options.steps > self.limits.max_steps:
+            raise Rejected(422, f"steps={options.steps} is above this service's limit of {self.limits.max_steps}")
         return options
 
     def _check_length(self, declared: str | None) -> None:
@@ -299,7 +283,7 @@ class RestoreService:
         if height * width > self.limits.max_pixels:
             raise Rejected(413, f"a {width}×{height} (W×H) image, above the {self.limits.max_pixels} pixel limit")
 
-    async def _call_worker(self, body: bytearray, options: dict, receive: Any) -> Reply:
+    async def _call_worker(self, body: bytearray, options: RestoreOptions, receive: Any) -> Reply:
         """The worker's reply; the call is cancelled when the client goes or the request timeout passes."""
         timeout = self.limits.request_timeout
         call = self.worker.restore.remote(body, options, timeout)
@@ -453,19 +437,21 @@ class RestoreWorker:
         self.counts = Counts(serve.get_replica_context().replica_id.unique_id)
 
     def describe(self) -> dict:
-        """Pipeline.describe() with the engine directory's name only (no server path), and the most steps
-        its schedule allows."""
+        """Pipeline.describe() with the engine directory's name only (no server path), and the steps its
+        schedule takes by default and at most."""
         info = self.pipeline.describe()
-        return {**info, "engines": Path(info["engines"]).name, "max_steps": self.pipeline.max_steps}
+        schedule = self.pipeline.manifest.schedule
+        return {**info, "engines": Path(info["engines"]).name, "max_steps": self.pipeline.max_steps,
+                "default_steps": schedule.default_steps}
 
-    async def restore(self, body: bytes, options: dict, timeout: float | None) -> Reply:
+    async def restore(self, body: bytes, options: RestoreOptions, timeout: float | None) -> Reply:
         cancel = threading.Event()
         try:
             return await asyncio.wait_for(self._run(body, options, cancel), timeout)
         except TimeoutError:
             return Reply.text(504, f"no result within the {timeout:g} s request timeout; the restore was cancelled")
 
-    async def _run(self, body: bytes, options: dict, cancel: threading.Event) -> Reply:
+    async def _run(self, body: bytes, options: RestoreOptions, cancel: threading.Event) -> Reply:
         await self.gate.acquire()
         job = asyncio.get_running_loop().run_in_executor(self.pool, self._restore, body, options, cancel)
         job.add_done_callback(lambda _: self.gate.release())
@@ -478,19 +464,19 @@ class RestoreWorker:
                     await asyncio.wait({job})
             raise
 
-    def _restore(self, body: bytes, options: dict, cancel: threading.Event) -> Reply:
+    def _restore(self, body: bytes, options: RestoreOptions, cancel: threading.Event) -> Reply:
         with self.counts.running():
             reply = self._restored(body, options, cancel)
         reply.counts = self.counts.snapshot()
         return reply
 
-    def _restored(self, body: bytes, options: dict, cancel: threading.Event) -> Reply:
+    def _restored(self, body: bytes, options: RestoreOptions, cancel: threading.Event) -> Reply:
         def progress(step: int, steps: int) -> None:
             if cancel.is_set():
                 raise Cancelled
 
         try:
-            result = self.pipeline.restore(self._read(body), progress=progress, **options)
+            result = self.pipeline.restore(self._read(body), options, progress=progress)
         except Cancelled:
             self.counts.cancelled()
             return Reply.text(499, "cancelled")

@@ -1,20 +1,21 @@
 """Every argument of the API, whatever its type or value, is either accepted or refused with a one-line
 `ArgumentError`/`InputError` before any engine runs — never a TypeError, a ZeroDivisionError or a late,
-misleading failure. The hostile values are tried on *every* keyword of `Pipeline.restore` and
-`Pipeline.plan` (read from their signatures), so a keyword added later is covered too.
+misleading failure. The hostile values are tried on *every* field of `RestoreOptions` (read from the
+dataclass) and every keyword-only argument of `Pipeline.restore` and `Pipeline.plan` (read from their
+signatures), through both entries, so an option added later is covered too.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from adaptbir.runtime.errors import ArgumentError, InputError
-from adaptbir.runtime.pipeline import Pipeline
+from adaptbir.runtime.pipeline import Pipeline, RestoreOptions
 
 # Values no keyword accepts as given, or accepts only when valid: wrong types, non-finite, finite as a
 # Python float but infinite as the float32 the graphs get, out of every integer range, lists, objects.
@@ -52,7 +53,9 @@ def guarded(pipeline, monkeypatch):
 
 
 def _keywords(function) -> list[str]:
-    return [name for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    """The options' fields and the function's own keyword-only arguments (callbacks, golden inputs)."""
+    own = [name for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    return [f.name for f in fields(RestoreOptions)] + own
 
 
 def _outcome(call) -> str:
@@ -114,6 +117,41 @@ def test_steps_above_the_schedule_are_refused_before_any_engine(guarded, monkeyp
     with pytest.raises(ArgumentError, match=r"from 2 to 20 .*schedule has 20 timesteps"):
         guarded.restore(np.zeros((32, 32, 3), np.uint8), steps=21)
     assert _outcome(lambda: guarded.restore(np.zeros((32, 32, 3), np.uint8), steps=20)) == "accepted"
+
+
+@pytest.mark.parametrize("field", [f.name for f in fields(RestoreOptions)])
+@pytest.mark.parametrize("value", HOSTILE, ids=_id)
+def test_every_option_refuses_hostile_values_when_made(field, value):
+    """The same verdict as through `restore`: the options are checked once, where they are made."""
+    try:
+        RestoreOptions(**{field: value})
+    except ArgumentError as err:
+        assert "\n" not in str(err)
+        outcome = "refused"
+    else:
+        outcome = "accepted"
+    assert outcome == ("accepted" if (field, value) in VALID else "refused"), (field, value)
+
+
+def test_options_and_keywords_agree(guarded, monkeypatch):
+    """`restore(image, options)` and `restore(image, **fields)` are one call; keywords change given options."""
+    calls = []
+    monkeypatch.setattr(guarded.stages, "run",
+                        lambda x, decision, **kw: calls.append((decision, kw["steps"], kw["seed"])) or 1 / 0)
+    image = np.full((32, 32, 3), 90, np.uint8)
+    for call in (lambda: guarded.restore(image, RestoreOptions(seed=4, steps=3, score=50.0, w=0.25)),
+                 lambda: guarded.restore(image, seed=4, steps=3, score=50.0, w=0.25),
+                 lambda: guarded.restore(image, RestoreOptions(seed=9, steps=3, score=50.0), seed=4, w=0.25)):
+        with pytest.raises(ZeroDivisionError):
+            call()
+    assert calls[0] == calls[1] == calls[2] and calls[0][0].w == 0.25 and calls[0][1:] == (3, 4)
+
+
+def test_steps_default_to_the_schedule(guarded, monkeypatch):
+    schedule = replace(guarded.manifest.schedule, default_steps=7)
+    monkeypatch.setattr(guarded, "manifest", replace(guarded.manifest, schedule=schedule))
+    assert guarded.options().steps == 7 and guarded.options(steps=3).steps == 3
+    assert RestoreOptions().steps is None  # not given: the directory decides
 
 
 def test_callbacks_must_be_callable(guarded):

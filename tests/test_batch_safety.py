@@ -198,10 +198,10 @@ if where == "write":  # the temporary file holds the image, not yet renamed
     image_io.atomic_write = slow
 else:  # b is being restored
     restore = Pipeline.restore
-    def restore_b(self, image, **options):
+    def restore_b(self, image, *args, **options):
         if Path(image.source).stem == "b":
             signal_me()
-        return restore(self, image, **options)
+        return restore(self, image, *args, **options)
     Pipeline.restore = restore_b
 sys.exit(cli.main(sys.argv[3:]))
 """
@@ -230,9 +230,9 @@ def test_the_handlers_cover_the_batch_and_leave_ignored_signals_ignored(micro_en
     seen = []
     restore, write = Pipeline.restore, batch.write_output
 
-    def restoring(self, image, **options):
+    def restoring(self, image, *args, **options):
         seen.append({s: signal.getsignal(s) for s in watched})
-        return restore(self, image, **options)
+        return restore(self, image, *args, **options)
 
     def writing(job, out, args):
         seen.append({s: signal.getsignal(s) for s in watched})

@@ -185,8 +185,9 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["restore", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for fragment in ("sampling steps (2..1000) (default: 50)", "(default: ort-cpu)", "(default: none)",
-                     "(default: png)", "(default: skip)", "(default: 1.0)", "(default: 95)"):
+    for fragment in ("sampling steps (default: the engine directory's schedule default, 50 for SD; 2 up to its "
+                     "timesteps)", "(default: ort-cpu)", "(default: none)", "(default: png)", "(default: skip)",
+                     "(default: 1.0)", "(default: 95)"):
         assert fragment in text, fragment
     assert "(default: None)" not in text and "(default: False)" not in text
     with pytest.raises(SystemExit):

@@ -593,6 +593,17 @@ def test_inconsistent_schedule_is_refused(copied, capsys, schedule, fragment):
     _info_refuses(copied, capsys)
 
 
+@pytest.mark.parametrize("section,fragment", [
+    (lambda d: d["musiq"], "longer_side_lengths (224,) differs from the model's [224, 384]"),
+    (lambda d: d["hyperparameters"]["musiq"], "longer_side_lengths (224, 384) differs from the model's [224]"),
+], ids=["limits", "model"])
+def test_musiq_limits_must_be_the_models_patch_grid(copied, section, fragment):
+    """The runtime cuts patches and counts tokens with the `musiq` section; the graph was built with the
+    hyperparameters' grid. Stored twice, they must agree, or every score would be of the wrong patches."""
+    _edit(copied, lambda d: section(d).update(longer_side_lengths=[224]))
+    _refused(copied, fragment)
+
+
 def test_max_steps_is_the_schedules_own_limit(copied):
     assert load_manifest(copied).max_steps == 1000
     _edit(copied, lambda d: d["schedule"].update(timesteps=40, default_steps=40))

@@ -85,14 +85,14 @@ def test_fp16_directory_within_stated_tolerance(tiny_fp16, golden):
     g = golden("unet_control")
     feeds = {"x": g["x_t"], "t": g["t"], "context": g["context"], "cond": g["cond"], "w": g["csft_w"]}
     (eps,) = run_onnx(tiny_fp16 / "unet.onnx", feeds)
-    assert _db(eps, g["eps_from_cond"]) >= GRAPHS["unet"].tolerance.fp16_min_psnr_db
+    assert _db(eps, g["eps_from_cond"]) >= GRAPHS["unet"].spec.tolerance.fp16_min_psnr_db
     g = golden("dual_encoder")
     for out, key in zip(run_onnx(tiny_fp16 / "dual_encoder.onnx", {"image": g["x"]}), ["z_restore", "z_identity"],
                         strict=True):
-        assert _db(out, g[key]) >= GRAPHS["dual_encoder"].tolerance.fp16_min_psnr_db
+        assert _db(out, g[key]) >= GRAPHS["dual_encoder"].spec.tolerance.fp16_min_psnr_db
     g = golden("vae_decoder")
     (image,) = run_onnx(tiny_fp16 / "decoder.onnx", {"latent": g["z"]})
-    assert _db(image, g["image"]) >= GRAPHS["decoder"].tolerance.fp16_min_psnr_db
+    assert _db(image, g["image"]) >= GRAPHS["decoder"].spec.tolerance.fp16_min_psnr_db
     unet_fp32 = manifest.graphs["unet"].fp32_ops
     assert unet_fp32["Softmax"] > 0 and unet_fp32["attention logits (MatMul, scale)"] > 0
     assert unet_fp32["InstanceNormalization"] > 0 and unet_fp32["timestep arguments"] > 0

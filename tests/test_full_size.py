@@ -64,7 +64,7 @@ def test_sd21_fp16_graphs_pass_their_checks_at_full_size(sd21):
     assert manifest.graphs["unet"].external_data == "unet.onnx.data"  # 2.4 GB of fp16 weights
     for name in ("dual_encoder", "unet", "decoder"):
         graph = manifest.graphs[name]
-        floor = GRAPHS[name].tolerance.fp16_min_psnr_db
+        floor = GRAPHS[name].spec.tolerance.fp16_min_psnr_db
         for parity in (graph.parity, graph.parity_full_size):
             assert math.isfinite(parity["max_abs"]) and parity["psnr_db"] >= floor, (name, parity)
         assert graph.parity_full_size["image"] == [512, 512]
@@ -79,4 +79,4 @@ def test_sd21_fp16_unet_step_against_fp32(sd21):
     (eps16,) = run_onnx(dirs["fp16"] / "unet.onnx", feeds)
     db = psnr(eps16, eps32, float(np.ptp(eps32)))
     print(f"sd21 UNet step at 64x64 latent, ONNX Runtime fp16 vs fp32: PSNR {db:.1f} dB")
-    assert np.all(np.isfinite(eps16)) and db >= GRAPHS["unet"].tolerance.fp16_min_psnr_db
+    assert np.all(np.isfinite(eps16)) and db >= GRAPHS["unet"].spec.tolerance.fp16_min_psnr_db

@@ -161,14 +161,15 @@ def test_one_tile_through_the_tiling_code_equals_untiled(pipeline, monkeypatch):
     blending at scale 8), gives exactly the untiled result."""
     photo = _photo(512, 512)
     untiled = pipeline.restore(photo, seed=1, steps=2, score=60, tile_size=0)
-    grids = []
-    grid = Stages.grid
-    plan = Stages.plan
-    monkeypatch.setattr(Stages, "plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), tile_px=512, tiles=1))
-    monkeypatch.setattr(Stages, "grid", staticmethod(lambda h, w, t: grids.append(grid(h, w, t)) or grids[-1]))
+    import adaptbir.runtime.stages as stages
+
+    grids, blend, plan = [], stages.blend, Stages.plan
+    monkeypatch.setattr(Stages, "plan", lambda *a, **k: dataclasses.replace(plan(*a, **k), tile_px=512))
+    monkeypatch.setattr(stages, "blend", lambda fn, windows, *a, **k: grids.append(windows) or blend(fn, windows, *a,
+                                                                                                      **k))
     tiled = pipeline.restore(photo, seed=1, steps=2, score=60)
     assert tiled.tiled and not untiled.tiled
-    assert grids and all(len(g) == 1 and (g[0].h, g[0].w) == (64, 64) for g in grids)
+    assert len(grids) == 4 and all(len(g) == 1 and (g[0].h, g[0].w) == (64, 64) for g in grids)  # enc, 2 steps, dec
     np.testing.assert_array_equal(untiled.image, tiled.image)
 
 
@@ -247,14 +248,15 @@ print(peak_rss_mib(), r.plan.peak_bytes / 2**20)
 
 def test_readme_api_snippet_runs_as_written(tiny_engines, tmp_path, monkeypatch):
     """The README's Python example, in a folder where `make demo` has built engines/tiny-random (steps cut
-    from 50 to 2 for time; nothing else changed)."""
+    from the default 50 to 2 for time; nothing else changed)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
-    assert "steps=50" in snippet
+    fast = snippet.replace("seed=0)", "seed=0, steps=2)").replace("w=0.5)", "w=0.5, steps=2)")
+    assert fast.count("steps=2") == 2
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "tiny-random").symlink_to(tiny_engines)
     monkeypatch.chdir(tmp_path)
-    exec(compile(snippet.replace("steps=50", "steps=2"), "README.md", "exec"), {})
+    exec(compile(fast, "README.md", "exec"), {})
     assert Image.open(tmp_path / "restored.png").size == (512, 600)
 
 

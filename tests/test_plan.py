@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adaptbir.runtime.arguments import parse_bytes
 from adaptbir.runtime.backends import Engines
 from adaptbir.runtime.cli import main
 from adaptbir.runtime.errors import ArgumentError, InputError
 from adaptbir.runtime.manifest import load_manifest
 from adaptbir.runtime.memory import UNET_ATTENTION_COPIES, GiB
 from adaptbir.runtime.pipeline import Pipeline
-from adaptbir.runtime.plan import parse_bytes, plan_restore
+from adaptbir.runtime.plan import plan_restore
 from adaptbir.runtime.preprocess import plan_geometry
 
 MiB = 2**20

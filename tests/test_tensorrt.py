@@ -11,8 +11,8 @@ import pytest
 
 from adaptbir.export import tensorrt as trt_build
 from adaptbir.export.tensorrt import ImageProfile, input_shapes, parse_size, plan_key, profile_from_args
-from adaptbir.runtime import graphs
 from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.graphs import GRAPHS
 
 
 @pytest.mark.parametrize("text,size", [("512x512", (512, 512)), ("768X1024", (768, 1024)), (" 64 x 128 ", (64, 128))])
@@ -41,22 +41,22 @@ def test_profiles_from_arguments():
 
 def test_input_shapes_resolve_every_symbolic_dimension():
     profile = ImageProfile((512, 512), (512, 768), (1024, 1024), batch=2)
-    unet = input_shapes(graphs.UNET.resolved(C=1024), profile, n_max=4289)
+    unet = input_shapes(GRAPHS["unet"].spec.resolved(C=1024), profile, n_max=4289)
     assert unet["x"] == ((1, 4, 64, 64), (1, 4, 64, 96), (2, 4, 128, 128))
     assert unet["t"] == ((1,), (1,), (2,))
     assert unet["context"] == ((1, 77, 1024), (1, 77, 1024), (2, 77, 1024))
-    assert input_shapes(graphs.DUAL_ENCODER, profile, 4289)["image"][2] == (2, 3, 1024, 1024)
-    assert input_shapes(graphs.DECODER, profile, 4289)["latent"][0] == (1, 4, 64, 64)
-    musiq = input_shapes(graphs.MUSIQ, profile, n_max=4289)
+    assert input_shapes(GRAPHS["dual_encoder"].spec, profile, 4289)["image"][2] == (2, 3, 1024, 1024)
+    assert input_shapes(GRAPHS["decoder"].spec, profile, 4289)["latent"][0] == (1, 4, 64, 64)
+    musiq = input_shapes(GRAPHS["musiq"].spec, profile, n_max=4289)
     assert musiq["patches"] == ((1, 193 + 256, 3072), (1, 193 + 384, 3072), (2, 4289, 3072))
     assert musiq["mask"][1] == (1, 193 + 384)
 
 
 def test_plan_key_changes_with_every_ingredient():
-    shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 512), (512, 512)), 4289)
+    shapes = input_shapes(GRAPHS["decoder"].spec, ImageProfile((512, 512), (512, 512), (512, 512)), 4289)
     base = plan_key("a" * 64, shapes, "11.0.0", "9.0")
     assert base == plan_key("a" * 64, dict(shapes), "11.0.0", "9.0")
-    other_shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 512), (1024, 1024)), 4289)
+    other_shapes = input_shapes(GRAPHS["decoder"].spec, ImageProfile((512, 512), (512, 512), (1024, 1024)), 4289)
     variants = [plan_key("b" * 64, shapes, "11.0.0", "9.0"), plan_key("a" * 64, other_shapes, "11.0.0", "9.0"),
                 plan_key("a" * 64, shapes, "11.1.0", "9.0"), plan_key("a" * 64, shapes, "11.0.0", "8.9"),
                 plan_key("a" * 64, shapes, "11.0.0", "9.0", flags=("STRONGLY_TYPED", "SPARSE_WEIGHTS"))]
@@ -146,7 +146,8 @@ def test_plan_is_built_through_polygraphy(tmp_path, monkeypatch):
     monkeypatch.setattr(pg_trt, "CreateConfig", config)
     monkeypatch.setattr(pg_trt, "engine_bytes_from_network", build)
     trt = types.SimpleNamespace(MemoryPoolType=types.SimpleNamespace(WORKSPACE="workspace"))
-    shapes = input_shapes(graphs.DECODER, ImageProfile((512, 512), (512, 768), (1024, 1024), batch=2), n_max=4289)
+    profile = ImageProfile((512, 512), (512, 768), (1024, 1024), batch=2)
+    shapes = input_shapes(GRAPHS["decoder"].spec, profile, n_max=4289)
     plan = trt_build._build_plan(trt, tmp_path / "decoder.onnx", shapes, 2.0, tmp_path / "timing.cache")
     assert plan == b"serialized plan"
     assert seen["network"] == (str(tmp_path / "decoder.onnx"), True)

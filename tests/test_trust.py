@@ -330,11 +330,11 @@ def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(micro_engines, 
               "d": KeyError("surprise")}
     restore = Pipeline.restore
 
-    def flaky(self, image, **options):
+    def flaky(self, image, *args, **options):
         name = Path(image.source).stem
         if name in raised:
             raise raised[name]
-        return restore(self, image, **options)
+        return restore(self, image, *args, **options)
 
     monkeypatch.setattr(Pipeline, "restore", flaky)
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "abcde"]
@@ -353,10 +353,10 @@ def test_any_per_image_failure_is_recorded_and_the_batch_goes_on(micro_engines, 
 def test_ctrl_c_stops_after_the_current_image_with_nothing_partial(micro_engines, tmp_path, monkeypatch, capsys):
     restore = Pipeline.restore
 
-    def interrupted_at_b(self, image, **options):
+    def interrupted_at_b(self, image, *args, **options):
         if Path(image.source).stem == "b":
             raise KeyboardInterrupt
-        return restore(self, image, **options)
+        return restore(self, image, *args, **options)
 
     monkeypatch.setattr(Pipeline, "restore", interrupted_at_b)
     inputs = [_photo(tmp_path / "in" / f"{n}.png") for n in "abc"]

@@ -1,0 +1,129 @@
+"""What each backend is: where it computes, in what precision, how it holds the weights, what it can serve.
+
+Pure data, importable without ONNX Runtime, OpenVINO or TensorRT (the planner asks it before any engine is
+loaded); the sessions themselves are made in `backends.py`, which dispatches on `Backend.runtime`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
+
+
+class Device(Enum):
+    CPU = "CPU"
+    NVIDIA = "NVIDIA GPU"
+
+
+class Runtime(Enum):
+    """What makes a backend's sessions."""
+
+    ONNX_RUNTIME = "ONNX Runtime"
+    OPENVINO = "OpenVINO"
+    TENSORRT_PLANS = "TensorRT plans"  # the directory's own plans (`adaptbir-export trt`), run by polygraphy
+
+
+DEFAULT_BACKEND = "ort-cpu"  # exact (the golden tolerances): the default, and the baseline of `adaptbir-export check`
+CPU_PRECISIONS = ("bf16", "f32")  # OpenVINO's inference precisions (INFERENCE_PRECISION_HINT)
+DEFAULT_WEIGHT_FACTOR = 1.05  # a precision not measured: about the graph files' size
+GPU_ORT = "replace the CPU wheel: pip uninstall onnxruntime && pip install onnxruntime-gpu"
+GPU_EXTRA = "pip install 'adaptbir[gpu]'"
+OPENVINO_EXTRA = "pip install 'adaptbir[openvino]'"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend's facts; `BACKENDS` holds the registered ones."""
+
+    name: str
+    device: Device
+    help: str  # one line, for `--backend`
+    runtime: Runtime | None  # None: the engines make their own sessions (see `describe`)
+    install: str  # what to install where it is missing (`backend_status`)
+    missing: str = ""  # the one-line error when a session cannot be made for want of `install`
+    providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers, the backend's own first
+    cpu_precisions: tuple[str, ...] = ()  # precisions to choose from (--cpu-precision); () = the directory's own
+    # Resident host bytes per graph-file byte, by compute precision (fitted on measured peaks: benchmarks/README.md,
+    # "Restore memory"); backends on a device hold none.
+    weight_factors: Mapping[str, float] = field(default_factory=dict, hash=False)
+    predicts_memory: bool = True  # False: device memory is not modelled, the planner takes the pixel rule
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weight_factors", MappingProxyType(dict(self.weight_factors)))
+
+    @property
+    def on_device(self) -> bool:
+        return self.device is not Device.CPU
+
+    @property
+    def chooses_precision(self) -> bool:
+        """Whether it computes in a chosen CPU precision (`--cpu-precision`) rather than the directory's."""
+        return bool(self.cpu_precisions)
+
+    @property
+    def runs_plans(self) -> bool:
+        """Whether it runs the directory's TensorRT plans, which serve only their profile's shapes."""
+        return self.runtime is Runtime.TENSORRT_PLANS
+
+    def host_weight_bytes(self, graph_bytes: int, precision: str) -> int:
+        """Host memory held for `graph_bytes` of graph files computed in `precision`."""
+        if self.on_device:
+            return 0
+        return int(graph_bytes * self.weight_factors.get(precision, DEFAULT_WEIGHT_FACTOR))
+
+    def musiq_token_limit(self, manifest: Manifest) -> int | None:
+        """The most MUSIQ tokens it serves for this directory; None = bounded only by memory."""
+        return manifest.musiq.n_max if self.runs_plans else None
+
+    def usable_with(self, manifest: Manifest) -> bool:
+        """Whether the directory holds what it runs (TensorRT plans for `trt`; the graphs serve the others)."""
+        return not self.runs_plans or manifest.tensorrt is not None
+
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (
+    Backend("ort-cpu", Device.CPU, "ONNX Runtime in the directory's precision, exact", Runtime.ONNX_RUNTIME,
+            install="pip install adaptbir", providers=("CPUExecutionProvider",),
+            weight_factors={"fp32": 1.05,
+                            "fp16": 3.5}),  # no fp16 kernels on the CPU: every weight becomes fp32 at load
+    Backend("openvino", Device.CPU, "OpenVINO, bf16 where the CPU has it", Runtime.OPENVINO,
+            install=OPENVINO_EXTRA, missing=f"backend openvino needs OpenVINO: {OPENVINO_EXTRA}",
+            cpu_precisions=CPU_PRECISIONS,
+            weight_factors={"f32": 2.0, "bf16": 2.0}),  # the read model and the compiled one
+    Backend("ort-cuda", Device.NVIDIA, "ONNX Runtime's CUDA provider", Runtime.ONNX_RUNTIME, install=GPU_ORT,
+            missing=f"backend ort-cuda: this onnxruntime has no CUDA provider; {GPU_ORT}",
+            providers=("CUDAExecutionProvider", "CPUExecutionProvider"), predicts_memory=False),
+    Backend("ort-trt", Device.NVIDIA, "ONNX Runtime's TensorRT provider", Runtime.ONNX_RUNTIME, install=GPU_ORT,
+            missing=f"backend ort-trt: this onnxruntime has no TensorRT provider; {GPU_ORT} and install TensorRT "
+                    f"({GPU_EXTRA})",
+            providers=("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+            predicts_memory=False),
+    Backend("trt", Device.NVIDIA, "the directory's TensorRT plans, built by adaptbir-export trt",
+            Runtime.TENSORRT_PLANS, install=GPU_EXTRA,
+            missing=f"backend trt needs TensorRT and polygraphy: {GPU_EXTRA}", predicts_memory=False),
+)}
+
+
+def describe(name: str) -> Backend:
+    """The description of backend `name`. Engines outside the registry (the export's torch engines, which make
+    their own sessions) are described as a CPU backend whose memory is modelled with unmeasured weights."""
+    return BACKENDS.get(name) or Backend(name, Device.CPU, "", None, install="")
+
+
+def backend_help() -> str:
+    """`--backend`'s help: one clause per backend."""
+    return "; ".join(f"{b.name}: {b.help} ({b.device.value})" for b in BACKENDS.values())
+
+
+def add_backend_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--backend` and `--cpu-precision`: shared by `adaptbir restore`, `adaptbir plan` and `adaptbir-ray
+    restore`, so a plan is made for the backend the restore runs on."""
+    parser.add_argument("--backend", default=DEFAULT_BACKEND, choices=BACKENDS, help=backend_help())
+    parser.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
+                        help="openvino: compute in bf16 or f32 (default bf16 where the CPU has it; MUSIQ always f32)")
