@@ -112,6 +112,17 @@ def openvino_precision(core, requested: str | None) -> str:
     return requested
 
 
+def cpu_precision(backend: str, requested: str | None, core=None) -> str | None:
+    """The CPU precision `backend` computes in (OpenVINO: bf16 where the CPU has it, else f32; `requested`
+    checked); None for a backend that computes in the directory's precision, which refuses a request."""
+    if not BACKENDS[backend].chooses_precision:
+        if requested is not None:
+            choosers = ", ".join(b.name for b in BACKENDS.values() if b.chooses_precision)
+            raise BackendError(f"a CPU precision ({requested}) applies to the {choosers} backend only, not {backend}")
+        return None
+    return openvino_precision(core or openvino_core(), requested)
+
+
 class OpenVinoSession:
     """One graph on OpenVINO's CPU plugin, compiled for the static shapes of each call.
 
@@ -274,13 +285,9 @@ class Engines:
                  precision: str | None = None):
         if backend not in BACKENDS:
             raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-        described = BACKENDS[backend]
-        if precision is not None and not described.chooses_precision:
-            choosers = ", ".join(b.name for b in BACKENDS.values() if b.chooses_precision)
-            raise BackendError(f"a CPU precision ({precision}) applies to the {choosers} backend only, not {backend}")
         self.manifest, self.backend, self.threads = manifest, backend, threads  # the name: records, `Result`
-        self._core = openvino_core() if described.runtime is Runtime.OPENVINO else None
-        self.cpu_precision = openvino_precision(self._core, precision) if self._core else None
+        self._core = openvino_core() if BACKENDS[backend].runtime is Runtime.OPENVINO else None
+        self.cpu_precision = cpu_precision(backend, precision, self._core)
         self.specs = {name: manifest.graph(name) for name in manifest.graphs}
         self.sessions: dict[str, Session] = {name: self._session(name) for name in self.specs}
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from . import __version__
 from .arguments import DefaultsHelp
-from .backend import BACKENDS, add_backend_arguments
+from .backend import add_backend_arguments
 from .backends import backend_status
 from .batch import add_restore_arguments, image_files, restore_batch, restore_command, without_path
 from .errors import AdaptBIRError
@@ -54,15 +54,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(args) -> int:
     """`adaptbir plan`: the manifest and each image's header only; no engine is loaded."""
-    from .backends import openvino_core, openvino_precision
+    from .backends import cpu_precision
     from .image_io import image_size
     from .manifest import load_manifest
     from .plan import plan_image
 
     options = RestoreOptions.from_namespace(args)
     manifest = load_manifest(args.engines, verify=False)
-    chosen = BACKENDS[args.backend].chooses_precision
-    precision = openvino_precision(openvino_core(), args.cpu_precision) if chosen else None
+    precision = cpu_precision(args.backend, args.cpu_precision)  # refused where restore would refuse it
     paths = [p for item in args.inputs for p in (image_files(item) if item.is_dir() else [item])]
     failed = 0
     for path in paths:

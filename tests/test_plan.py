@@ -101,3 +101,13 @@ def test_plan_command(tiny_engines, tmp_path, capsys):
     assert first["tiled"] and first["tiles"] == 6 and first["musiq_tokens"] is None
     assert first["sizes"]["input"] == [768, 1024] and first["predicted_peak_gib"] <= 1.0
     assert second == {"input": str(tmp_path / "missing.png"), "error": "file not found; check the path"}
+
+
+def test_plan_refuses_what_restore_refuses(tiny_engines, tmp_path, capsys):
+    """A CPU precision for a backend that computes in the directory's precision: restore's BackendError,
+    from `adaptbir plan` too (usage error, exit 2), before any image is planned."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.png")
+    rc = main(["plan", str(tmp_path / "a.png"), "--engines", str(tiny_engines), "--cpu-precision", "bf16"])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert "a CPU precision (bf16) applies to the openvino backend only, not ort-cpu" in captured.err
