@@ -354,7 +354,7 @@ class Manifest:
         """The patch grid is recorded twice, in the model's hyperparameters (what the graph was built with) and in
         the `musiq` limits (what the runtime cuts patches and counts tokens with): they must be one grid."""
         model = self.hyperparameters.get("musiq")
-        if "musiq" not in self.graphs or not isinstance(model, dict):
+        if not isinstance(model, dict):
             return []
         return [f"musiq: {name} {getattr(self.musiq, name)!r} differs from the model's {model[name]!r}"
                 for name in ("patch_size", "longer_side_lengths", "spatial_pos_grid_size")
