@@ -42,6 +42,7 @@ from .checkpoint import LoadReport
 from .components import FULL_SIZE_IMAGE, Component, components
 from .config import ModelConfig
 from .onnx_export import FP32_OP_TYPES, OPSET, check_parity, export_onnx, torch_outputs
+from .quantize import Int8Options
 from .text_encoder import TextEncoder
 
 DEFAULT_N_MAX = token_count(2048, 2048)  # MUSIQ tokens of a 2048x2048 (padded) image
@@ -79,18 +80,37 @@ class Built:
 
 def build(config: ModelConfig, source: WeightSource, out: Path, *, precision: str = "fp32",
           context_file: Path | None = None, seed: int = 0, n_max: int | None = None, keep_model: bool = False,
-          progress: Callable[[str], None] = print) -> Built:
+          int8: Int8Options | None = None, progress: Callable[[str], None] = print) -> Built:
     """The one way to an engine directory: config → weights → context → graphs, checked, and the manifest.
 
     Used by `adaptbir-export build`, the demo and the benchmarks. Without `keep_model` the build frees
-    each part's weights as soon as no later graph needs them (the memory bound of `export/memory.py`)."""
+    each part's weights as soon as no later graph needs them (the memory bound of `export/memory.py`).
+    `precision="int8"`: the fp32 directory is built in a temporary sibling, then calibrated, quantized and
+    gated (`export/quantize.py`, options `int8`) into `out`."""
     model, report = source.load(config)
     progress(report.summary())
     context, context_source = empty_prompt_context(model.text_encoder, context_file, seed, config.context_dim)
-    manifest = build_engine_directory(model, report, config, out, precision=precision, context=context,
-                                      context_source=context_source, n_max=n_max or DEFAULT_N_MAX,
-                                      free=not keep_model, progress=progress)
+    if precision == "int8":
+        manifest = _build_int8(model, report, config, Path(out), context, context_source, n_max or DEFAULT_N_MAX,
+                               not keep_model, int8 or Int8Options(), progress)
+    else:
+        manifest = build_engine_directory(model, report, config, out, precision=precision, context=context,
+                                          context_source=context_source, n_max=n_max or DEFAULT_N_MAX,
+                                          free=not keep_model, progress=progress)
     return Built(manifest, report, model if keep_model else None)
+
+
+def _build_int8(model, report: LoadReport, config: ModelConfig, out: Path, context: np.ndarray, context_source: str,
+                n_max: int, free: bool, options: Int8Options, progress: Callable[[str], None]) -> Manifest:
+    from .quantize import quantize_directory
+
+    out.resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.fp32-", dir=out.resolve().parent) as scratch:
+        fp32 = Path(scratch) / out.name
+        build_engine_directory(model, report, config, fp32, precision="fp32", context=context,
+                               context_source=context_source, n_max=n_max, free=free,
+                               progress=lambda line: progress(f"fp32: {line}"))
+        return quantize_directory(fp32, out, options, progress)
 
 
 @dataclass

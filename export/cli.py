@@ -21,6 +21,8 @@ from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
 from adaptbir.runtime.sizes import describe_size, size_argument
 
+from .quantize import SCHEMES, Floors, Int8Options
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0].replace("`", ""))
@@ -37,12 +39,29 @@ def _parser() -> argparse.ArgumentParser:
     config.add_argument("--preset", choices=("sd21", "tiny"), help="hyper-parameters (default sd21)")
     config.add_argument("--config", type=Path, help="hyper-parameters from a JSON file (tiny_config.json schema)")
     build.add_argument("--seed", type=int, default=0, help="seed of --random-weights and of a random context")
-    build.add_argument("--precision", choices=("fp32", "fp16"), default="fp32", help="of the UNet, encoders, decoder")
+    build.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                       help="of the UNet, encoders, decoder (MUSIQ stays fp32); int8: calibrated and gated, below")
     build.add_argument("--context", type=Path, help="[1,77,C] .npy replacing the empty-prompt context")
     build.add_argument("--musiq-n-max", type=int, help="largest MUSIQ token count the engines must serve")
     build.add_argument("--out", type=Path, required=True, help="engine directory to write (engines/NAME)")
     build.add_argument("--ignore-memory-check", action="store_true",
                        help="build even when the predicted peak memory exceeds the available memory")
+    int8 = build.add_argument_group("int8 (--precision int8)", "calibration on photos, then a gate against fp32 on "
+                                    "held-out ones; below a floor nothing is written")
+    int8.add_argument("--calibration", type=Path, help="folder of degraded photos like yours (default: matplotlib's "
+                      "sample photos, synthetically degraded)")
+    int8.add_argument("--int8-scheme", choices=tuple(SCHEMES), default="full",
+                      help="full: convolutions, attention and linear layers int8; conv: convolutions only")
+    int8.add_argument("--calibration-steps", type=int, default=10, help="sampling steps of each calibration run")
+    int8.add_argument("--gate-steps", type=int, default=10, help="sampling steps of each gate restore")
+    floors = Floors()
+    int8.add_argument("--gate-min-eps-psnr", type=float, default=floors.eps_psnr_db,
+                      help="UNet eps PSNR (dB) vs fp32, worst timestep range")
+    int8.add_argument("--gate-min-psnr", type=float, default=floors.image_psnr_db,
+                      help="restored image PSNR (dB) vs fp32, worst held-out photo")
+    int8.add_argument("--gate-min-ssim", type=float, default=floors.image_ssim, help="restored image SSIM vs fp32")
+    int8.add_argument("--gate-max-musiq-shift", type=float, default=floors.musiq_shift,
+                      help="MUSIQ score shift of the restored image vs fp32 (0-100 scale)")
 
     trt = sub.add_parser("trt", help="build TensorRT plans from an engine directory (needs a GPU + TensorRT)",
                          formatter_class=DefaultsHelp)
@@ -74,7 +93,8 @@ def _check_memory(args, config):
 
     # Random weights have no text tower; a checkpoint may (SD's own does): counted while it is loaded.
     caps = Capabilities(has_text_encoder=config.text_encoder is not None and not args.random_weights)
-    memory = predict_build_memory(config, args.precision, caps)
+    fp32_first = args.precision == "int8"  # an int8 build builds (and checks) the fp32 graphs first
+    memory = predict_build_memory(config, "fp32" if fp32_first else args.precision, caps)
     print(f"memory: {memory.summary()}")
     if not args.ignore_memory_check:
         check_fits(memory, available_bytes(), f"building {config.name} {args.precision} engines")
@@ -93,10 +113,18 @@ def _build(args) -> None:
     source = WeightSource(random_seed=args.seed) if args.random_weights else WeightSource(
         args.checkpoint, args.control, args.restoration_vae, args.musiq)
     built = build(config, source, args.out, precision=args.precision, context_file=args.context, seed=args.seed,
-                  n_max=args.musiq_n_max)
+                  n_max=args.musiq_n_max, int8=_int8_options(args) if args.precision == "int8" else None)
     print(summary_table(built.manifest))
     print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s "
           f"(peak memory {peak_rss_bytes() / GiB:.2f} GiB, predicted {memory.total / GiB:.2f} GiB)")
+
+
+def _int8_options(args) -> Int8Options:
+    for name in ("calibration_steps", "gate_steps"):
+        if not 2 <= getattr(args, name) <= 1000:
+            raise AdaptBIRError(f"--{name.replace('_', '-')} must be from 2 to 1000, not {getattr(args, name)}")
+    floors = Floors(args.gate_min_eps_psnr, args.gate_min_psnr, args.gate_min_ssim, args.gate_max_musiq_shift)
+    return Int8Options(args.calibration, args.int8_scheme, args.calibration_steps, args.gate_steps, floors, args.seed)
 
 
 def summary_table(manifest: Manifest) -> str:

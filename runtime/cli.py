@@ -119,10 +119,25 @@ def describe_manifest(m: Manifest) -> str:
         inputs = ", ".join(f"{t.name}{list(t.dims)}" for t in g.inputs).replace("'", "")
         lines.append(f"{name:<14} {g.precision:<9} {m.graph_bytes(name) / 2**20:>9.2f}  {inputs:<64} "
                      f"max abs {g.parity['max_abs']:.2e}")
+    if m.quantization:
+        lines += _quantization_lines(m.quantization)
     if m.tensorrt:
         t = m.tensorrt
         lines.append(f"TensorRT          {t.version} on compute {t.compute_capability}, profile {t.profile}")
     return "\n".join(map(printable, lines))  # a name in the manifest cannot add a line
+
+
+def _quantization_lines(q: dict[str, Any]) -> list[str]:
+    """An int8 directory's proof: how it was calibrated and what its gate measured against fp32."""
+    calibration, gate = q["calibration"], q["gate"]
+    worst, floors = gate["worst"], gate["floors"]
+    measured = ", ".join(f"{name} {worst[name]:.4g} ({'≤' if name == 'musiq_shift' else '≥'} {floors[key]:g})"
+                         for name, key in (("eps_psnr_db", "eps_psnr_db"), ("image_psnr_db", "image_psnr_db"),
+                                           ("image_ssim", "image_ssim"), ("musiq_shift", "musiq_shift")))
+    return ["", f"int8              scheme {q['scheme']} ({', '.join(q['quantized_ops'])} quantized), {q['tool']}",
+            f"calibration       {calibration['photos']} photos + {calibration['held_out']} held out, "
+            f"{calibration['steps']} steps, {calibration['source']}, sha256 {calibration['digest'][:16]}",
+            f"int8 gate         passed vs fp32 on the held-out photos ({gate['steps']} steps): {measured}"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,6 +222,9 @@ class Manifest:
     runtime: dict[str, str] = field(default_factory=lambda: dict(RUNTIME_RANGE))
     schema_version: int = SCHEMA_VERSION
     tensorrt: TensorRTSection | None = field(default=None, metadata=OPTIONAL)
+    # int8 directories: the quantizer and scheme, the calibration set's digest and size, the ops left float,
+    # and the gate's floors and numbers (export/quantize.py).
+    quantization: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     directory: Path | None = field(default=None, compare=False, metadata={"stored": False})
 
     # ------------------------------------------------------------------------------- (de)serialising

@@ -79,6 +79,43 @@ def micro_engines(tmp_path_factory) -> Path:
     return shared_directory(tmp_path_factory, "micro-random", _export("--random-weights", "--config", str(config)))
 
 
+def write_photos(folder: Path, count: int = 4) -> Path:
+    """`count` small photo-like PNGs (smooth ramps with some texture) in `folder`."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for i in range(count):
+        base = np.linspace(0, 255, 96 * 128 * 3).reshape(96, 128, 3)
+        Image.fromarray(np.clip(base * (i + 1) / count + rng.normal(0, 20, base.shape), 0, 255).astype(np.uint8)
+                        ).save(folder / f"photo{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """`photos(folder, count=4)`: writes photo-like PNGs (calibration sets, batches)."""
+    return write_photos
+
+
+# Random micro weights reach about 26 dB eps and 32 dB images in int8: floors the test build passes.
+INT8_FLOORS = ("--gate-min-eps-psnr", "15", "--gate-min-psnr", "20", "--gate-min-ssim", "0.8",
+               "--gate-max-musiq-shift", "3")
+
+
+@pytest.fixture(scope="session")
+def int8_engines(tmp_path_factory) -> Path:
+    """An int8 micro directory through the whole command: fp32 build, calibration on 3 photos (1 held out),
+    quantization, gate."""
+    def build(out: Path) -> None:
+        calibration = write_photos(out.parent / "int8-calibration")
+        _export("--random-weights", "--config", str(Path(__file__).with_name("micro_config.json")), "--precision",
+                "int8", "--calibration", str(calibration), "--calibration-steps", "3", "--gate-steps", "3",
+                *INT8_FLOORS)(out)
+
+    return shared_directory(tmp_path_factory, "micro-int8", build)
+
+
 @pytest.fixture(scope="session")
 def musiq_feeds():
     """`musiq_feeds(u8)`: pyiqa's own patch tensor of a uint8 image (the reference), split into the graph's

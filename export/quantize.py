@@ -1,0 +1,430 @@
+"""int8 engine directories: calibrated on the user's photos, gated on the user's own weights.
+
+    adaptbir-export build --checkpoint CKPT --precision int8 [--calibration photos/] --out engines/sd21-int8
+
+The fp32 graphs are built first (in a temporary directory), then run as the real loop runs them — MUSIQ,
+the gate, the dual encoder, the sampler over the timesteps it visits, the decoder — on the calibration
+photos, recording every graph's inputs. ONNX Runtime's static quantization (`quantize_static`, QDQ format:
+QuantizeLinear/DequantizeLinear pairs, int8 per-channel weights, uint8 activations, MinMax ranges) turns
+the encoder, UNet and decoder into int8 graphs that ONNX Runtime (MLAS int8 kernels), OpenVINO (fused into
+int8 kernels) and TensorRT (explicit quantization) all read; MUSIQ stays fp32 (the gate must not move).
+
+Before anything is written the int8 graphs are compared with the fp32 ones on held-out photos: the UNet's
+eps PSNR per timestep range, and whole restorations with the same seed by PSNR, SSIM and the MUSIQ shift
+of the result. Below a floor the build refuses with the table and the previous directory stays. Int8
+quality cannot be known without the user's weights: this gate is the proof, made where the weights are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import math
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+from adaptbir.runtime.atomic import staged_directory
+from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.graphs import GRAPHS
+from adaptbir.runtime.image_io import read_image
+from adaptbir.runtime.manifest import FileRecord, GraphEntry, Manifest
+from adaptbir.runtime.metrics import psnr_over_range
+
+SCHEMES = {  # the op types whose inputs are quantized; the rest of the graph stays float
+    "full": ("Conv", "MatMul", "Gemm"),  # convolutions, attention and linear layers
+    "conv": ("Conv",),  # convolutions only: attention and linear layers stay float
+}
+MIN_IMAGES = 3  # two to calibrate on, one held out for the gate
+CALIBRATION_SIDE = 512  # photos are centre-cropped to at most this: SD's own size, and a bounded run
+SAMPLES_PER_GRAPH = 48  # recorded inputs handed to the quantizer per graph, spread over photos and steps
+EPS_RANGES = ((667, 1000, "t 667-999"), (333, 667, "t 333-666"), (0, 333, "t 0-332"))
+
+
+class QuantizationError(AdaptBIRError):
+    """The calibration photos or run are unusable, or the int8 graphs fail the gate."""
+
+
+@dataclass(frozen=True)
+class Floors:
+    """What the int8 directory must reach against fp32 on the held-out photos (settable per build)."""
+
+    eps_psnr_db: float = 30.0  # the UNet's eps, worst timestep range
+    image_psnr_db: float = 30.0  # final images, worst photo
+    image_ssim: float = 0.90  # final images, worst photo
+    musiq_shift: float = 3.0  # |MUSIQ(int8 result) - MUSIQ(fp32 result)|, worst photo, 0-100 scale
+
+
+@dataclass(frozen=True)
+class Calibration:
+    photos: tuple[tuple[str, np.ndarray], ...]  # (name, uint8 HxWx3), in a stable order
+    source: str  # the folder, or the default set's description
+
+    @property
+    def digest(self) -> str:
+        digest = hashlib.sha256()
+        for name, rgb in self.photos:
+            digest.update(name.encode() + b"\0" + str(rgb.shape).encode() + rgb.tobytes())
+        return digest.hexdigest()
+
+    def split(self) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
+        """(calibrate on, held out): every fourth photo is held out, at least one."""
+        held = [p for i, p in enumerate(self.photos) if i % 4 == 3] or [self.photos[-1]]
+        return [p for p in self.photos if p not in held], held
+
+
+# ------------------------------------------------------------------------------------------ photos
+
+
+def _cropped(rgb: np.ndarray) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    top, left = max(0, (h - CALIBRATION_SIDE) // 2), max(0, (w - CALIBRATION_SIDE) // 2)
+    return np.ascontiguousarray(rgb[top:top + CALIBRATION_SIDE, left:left + CALIBRATION_SIDE])
+
+
+def calibration_photos(folder: Path | None) -> Calibration:
+    """The user's degraded photos (every image in `folder`, recursively), or the default set."""
+    if folder is None:
+        return default_calibration()
+    from adaptbir.runtime.batch import image_files
+
+    if not folder.is_dir():
+        raise QuantizationError(f"--calibration {folder}: not a folder of photos")
+    photos = []
+    for path in image_files(folder):
+        try:
+            photos.append((path.relative_to(folder).as_posix(), _cropped(read_image(path).rgb)))
+        except AdaptBIRError as err:
+            raise QuantizationError(f"--calibration {path}: {err}") from None
+    if len(photos) < MIN_IMAGES:
+        raise QuantizationError(f"--calibration {folder}: {len(photos)} readable photo(s), at least {MIN_IMAGES} "
+                                "are needed (calibration and a held-out photo for the int8 gate)")
+    return Calibration(tuple(photos), f"folder {folder.name}")
+
+
+def _degraded(rgb: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
+    """Blur, noise and JPEG, stronger with `level` (0 mild, 1 medium, 2 severe): the three MUSIQ classes."""
+    image = Image.fromarray(rgb).filter(ImageFilter.GaussianBlur((0.6, 1.5, 3.0)[level]))
+    noisy = np.asarray(image, np.float32) + rng.normal(0, (3.0, 8.0, 18.0)[level], rgb.shape)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=(85, 45, 15)[level])
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def default_calibration() -> Calibration:
+    """Photos matplotlib ships (a portrait and a still life), cropped at two places each and degraded at three
+    strengths: 12 photos, made the same way on every machine (seeded), nothing downloaded."""
+    from matplotlib import cbook
+
+    rng = np.random.default_rng(0)
+    photos = []
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"):
+        rgb = np.asarray(Image.open(cbook.get_sample_data(name, asfileobj=False)).convert("RGB"))
+        h, w = rgb.shape[:2]
+        for crop, (top, left) in enumerate(((0, 0), (h // 3, w // 3))):
+            window = _cropped(rgb[top:, left:])
+            for level in range(3):
+                photos.append((f"{Path(name).stem}-{crop}-{('mild', 'medium', 'severe')[level]}",
+                               _degraded(window, level, rng)))
+    return Calibration(tuple(photos), "default: matplotlib's sample photos, blurred, noised and JPEG-compressed")
+
+
+# ------------------------------------------------------------------------------------------ recording
+
+
+class Recorder:
+    """Wraps `Engines.run` to keep every feed of the graphs being quantized (copies: the caller reuses
+    its arrays), so the quantizer sees exactly what the real loop feeds."""
+
+    def __init__(self, engines, graphs: list[str]):
+        self.engines, self.feeds = engines, {name: [] for name in graphs}
+        self._run = engines.run
+
+    def __enter__(self) -> Recorder:
+        def run(name: str, feeds: dict[str, np.ndarray], timings=None):
+            if name in self.feeds:
+                self.feeds[name].append({k: np.array(v) for k, v in feeds.items()})
+            return self._run(name, feeds, timings)
+
+        self.engines.run = run
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        del self.engines.run  # the class's method again
+
+
+def _spread(items: list, count: int) -> list:
+    """At most `count` items, evenly spread (every photo, every stretch of timesteps)."""
+    if len(items) <= count:
+        return items
+    return [items[round(i * (len(items) - 1) / (count - 1))] for i in range(count)]
+
+
+def record_feeds(pipeline, photos: list[tuple[str, np.ndarray]], steps: int, seed: int,
+                 progress: Callable[[str], None]) -> dict[str, list[dict[str, np.ndarray]]]:
+    """Each quantized graph's inputs over whole restores of `photos` (score, gate, encode, `steps` steps,
+    decode)."""
+    graphs = [name for name in pipeline.manifest.graphs if not GRAPHS[name].fp32_only]
+    with Recorder(pipeline.engines, graphs) as recorder:
+        for i, (name, rgb) in enumerate(photos, 1):
+            progress(f"calibration run {i}/{len(photos)}: {name}")
+            pipeline.restore(rgb, seed=seed, steps=steps)
+    return {name: _spread(feeds, SAMPLES_PER_GRAPH) for name, feeds in recorder.feeds.items()}
+
+
+# ------------------------------------------------------------------------------------------ quantizing
+
+
+def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], scheme: str) -> list[str]:
+    """`source` → a QDQ int8 graph at `target` (its weights in `target`.data when the source had external
+    data); returns the op types left float."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    external = any(source.parent.glob(f"{source.name}.data")) or source.stat().st_size > 2**30
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: the graphs are already optimised
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=target.parent) as scratch:
+        written = Path(scratch) / target.name
+        quantize_static(str(source), str(written), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=list(SCHEMES[scheme]), calibrate_method=CalibrationMethod.MinMax,
+                        use_external_data_format=external)
+        model = onnx.load(str(written))  # external data read back in: saved again under the directory's names
+    logging.getLogger().setLevel(quiet)
+    _save(model, target, external)
+    quantized = set(SCHEMES[scheme])
+    return sorted({n.op_type for n in model.graph.node} - quantized - {"QuantizeLinear", "DequantizeLinear"})
+
+
+def _save(model, target: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True,
+                  location=f"{target.name}.data", size_threshold=1024)
+    else:
+        onnx.save(model, str(target))
+
+
+# ------------------------------------------------------------------------------------------ the gate
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean structural similarity of two uint8 HxWx3 images (Wang et al. 2004: Gaussian window σ = 1.5,
+    K1 = 0.01, K2 = 0.03, over the three channels)."""
+    from scipy.ndimage import gaussian_filter
+
+    x, y = a.astype(np.float64), b.astype(np.float64)
+    blur = lambda v: gaussian_filter(v, sigma=(1.5, 1.5, 0), truncate=3.5)  # noqa: E731
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx * mx, blur(y * y) - my * my, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    return float(np.mean((2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))))
+
+
+@dataclass
+class GateResult:
+    floors: Floors
+    eps_psnr_db: dict[str, float]  # worst per timestep range
+    photos: list[dict[str, Any]]  # per held-out photo: psnr_db, ssim, musiq_shift
+    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: held-out PSNR vs fp32
+
+    @property
+    def worst(self) -> dict[str, float]:
+        return {"eps_psnr_db": min(self.eps_psnr_db.values()),
+                "image_psnr_db": min(p["psnr_db"] for p in self.photos),
+                "image_ssim": min(p["ssim"] for p in self.photos),
+                "musiq_shift": max(p["musiq_shift"] for p in self.photos)}
+
+    @property
+    def failures(self) -> list[str]:
+        worst, floors = self.worst, self.floors
+        checks = [("eps_psnr_db", worst["eps_psnr_db"] >= floors.eps_psnr_db, "≥"),
+                  ("image_psnr_db", worst["image_psnr_db"] >= floors.image_psnr_db, "≥"),
+                  ("image_ssim", worst["image_ssim"] >= floors.image_ssim, "≥"),
+                  ("musiq_shift", worst["musiq_shift"] <= floors.musiq_shift, "≤")]
+        return [f"{name} {worst[name]:.4g} (floor {sign} {getattr(floors, name):g})"
+                for name, passed, sign in checks if not passed]
+
+    def table(self) -> str:
+        lines = [f"{'int8 vs fp32':<22} {'measured':>10}  floor"]
+        for name, value in self.worst.items():
+            sign = "≤" if name == "musiq_shift" else "≥"
+            lines.append(f"{name:<22} {value:>10.4g}  {sign} {getattr(self.floors, name):g}")
+        lines += [f"  eps {r:<17} {db:>10.2f}" for r, db in self.eps_psnr_db.items()]
+        lines += [f"  {p['photo'][:20]:<20} {p['psnr_db']:>10.2f}  ssim {p['ssim']:.4f}  musiq shift "
+                  f"{p['musiq_shift']:.3f}" for p in self.photos]
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"floors": asdict(self.floors), "worst": self.worst, "eps_psnr_db": self.eps_psnr_db,
+                "photos": self.photos, "passed": not self.failures}
+
+
+def _eps_psnr(fp32, int8, feeds: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    """The worst eps PSNR per timestep range of the int8 UNet against the fp32 one, on the same feeds."""
+    worst: dict[str, float] = {}
+    for feed in feeds:
+        t = int(feed["t"][0])
+        label = next(label for low, high, label in EPS_RANGES if low <= t < high)
+        db = psnr_over_range(int8.run("unet", feed)[0], fp32.run("unet", feed)[0]) or math.inf
+        worst[label] = min(worst.get(label, math.inf), db)
+    return {label: worst[label] for _, _, label in EPS_RANGES if label in worst}
+
+
+def run_gate(fp32, int8, held_out: list[tuple[str, np.ndarray]], steps: int, seed: int, floors: Floors,
+             progress: Callable[[str], None]) -> GateResult:
+    """Restore each held-out photo with both pipelines (same seed), compare the results and the UNet's eps."""
+    photos, unet_feeds = [], []
+    for name, rgb in held_out:
+        progress(f"int8 gate: {name}")
+        with Recorder(fp32.engines, ["unet"]) as recorder:
+            reference = fp32.restore(rgb, seed=seed, steps=steps)
+        unet_feeds += recorder.feeds["unet"]
+        result = int8.restore(rgb, seed=seed, steps=steps, score=reference.score)  # the same gate decision
+        shift = abs(fp32.stages.score(result.image) - fp32.stages.score(reference.image))
+        photos.append({"photo": name, "psnr_db": round(_image_psnr(result.image, reference.image), 3),
+                       "ssim": round(ssim(result.image, reference.image), 5), "musiq_shift": round(shift, 4)})
+    return GateResult(floors, _eps_psnr(fp32.engines, int8.engines, unet_feeds), photos)
+
+
+def _image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def graph_parity(fp32, int8, name: str, feeds: list[dict[str, np.ndarray]], floor: float) -> dict[str, Any]:
+    """The int8 graph against the fp32 one on recorded feeds: the manifest entry's `parity`."""
+    max_abs, max_rel, worst = 0.0, 0.0, math.inf
+    for feed in feeds:
+        for a, e in zip(int8.run(name, feed), fp32.run(name, feed), strict=True):
+            err = float(np.abs(a.astype(np.float64) - e).max())
+            max_abs, max_rel = max(max_abs, err), max(max_rel, err / max(float(np.abs(e).max()), 1e-12))
+            worst = min(worst, psnr_over_range(a, e) or math.inf)
+    return {"max_abs": max_abs, "max_rel": max_rel, "psnr_db": None if worst == math.inf else round(worst, 3),
+            "tolerance": f"int8 gate (held-out photos; eps PSNR >= {floor:g} dB)", "passed": True}
+
+
+# ------------------------------------------------------------------------------------------ the build
+
+
+@dataclass(frozen=True)
+class Int8Options:
+    calibration: Path | None = None
+    scheme: str = "full"
+    calibration_steps: int = 10
+    gate_steps: int = 10
+    floors: Floors = Floors()
+    seed: int = 0
+    threads: int | None = None
+
+
+def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress: Callable[[str], None] = print
+                       ) -> Manifest:
+    """An int8 engine directory at `out` from the fp32 one at `fp32_dir`, calibrated and gated; nothing is
+    written (the previous `out` stays) unless every floor holds."""
+    from adaptbir.runtime.pipeline import Pipeline
+
+    if options.scheme not in SCHEMES:
+        raise QuantizationError(f"int8 scheme {options.scheme!r}: choose one of {', '.join(SCHEMES)}")
+    calibration = calibration_photos(options.calibration)
+    calibrate, held_out = calibration.split()
+    fp32 = Pipeline.from_engines(fp32_dir, threads=options.threads)
+    progress(f"calibrating on {len(calibrate)} photos ({calibration.source}), {len(held_out)} held out")
+    feeds = _checked_feeds(record_feeds(fp32, calibrate, options.calibration_steps, options.seed, progress))
+    from .build import is_engine_directory
+
+    with staged_directory(out, is_engine_directory) as staging:
+        entries, float_ops = _quantized_graphs(fp32.manifest, staging, feeds, options.scheme,
+                                               calibration.digest, progress)
+        provisional = _int8_manifest(fp32.manifest, out.name, staging, entries, {}).write(staging)
+        int8 = Pipeline.from_engines(staging, threads=options.threads)
+        gate = run_gate(fp32, int8, held_out, options.gate_steps, options.seed, options.floors, progress)
+        progress("int8 gate:\n" + gate.table())
+        if gate.failures:
+            raise QuantizationError("the int8 graphs fail the gate against fp32 on the held-out photos: "
+                                    + "; ".join(gate.failures) + "; nothing was written. Try --int8-scheme conv, "
+                                    "more or more typical --calibration photos, or keep the fp32/fp16 directory")
+        for name, entry in entries.items():
+            if name not in feeds:  # kept fp32 (MUSIQ): its export parity stands
+                continue
+            parity = graph_parity(fp32.engines, int8.engines, name, feeds[name][-8:], options.floors.eps_psnr_db)
+            entries[name] = replace(entry, parity=parity)
+        section = {"tool": _tool(), "scheme": options.scheme, "quantized_ops": list(SCHEMES[options.scheme]),
+                   "float_ops": float_ops, "calibration": {
+                       "source": calibration.source, "digest": calibration.digest, "photos": len(calibrate),
+                       "held_out": len(held_out), "steps": options.calibration_steps,
+                       "samples": {name: len(f) for name, f in feeds.items()}},
+                   "gate": {**gate.to_dict(), "steps": options.gate_steps, "seed": options.seed}}
+        manifest = _int8_manifest(provisional, out.name, staging, entries, section).write(staging)
+    return replace(manifest, directory=out)
+
+
+def _checked_feeds(feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, list[dict[str, np.ndarray]]]:
+    for name, recorded in feeds.items():
+        if not recorded:
+            raise QuantizationError(f"the calibration run never called {name}")
+        if not all(np.all(np.isfinite(v)) for feed in recorded for v in feed.values()):
+            raise QuantizationError(f"the calibration run fed {name} NaN/inf values: the fp32 graphs overflow on "
+                                    "these photos; check the checkpoint, or calibrate on other photos")
+    return feeds
+
+
+def _quantized_graphs(fp32: Manifest, staging: Path, feeds, scheme: str, digest: str,
+                      progress: Callable[[str], None]) -> tuple[dict[str, GraphEntry], dict[str, list[str]]]:
+    """Every graph of the directory in `staging`: quantized ones from the feeds, the others (MUSIQ) copied."""
+    shutil.copy2(fp32.context_path, staging / fp32.context.file)
+    entries, float_ops = {}, {}
+    for name, entry in fp32.graphs.items():
+        if name not in feeds:
+            for file in entry.files:
+                shutil.copy2(fp32.directory / file, staging / file)
+            entries[name] = entry
+            continue
+        progress(f"quantizing {name} ({scheme}) on {len(feeds[name])} recorded inputs")
+        target = staging / entry.file
+        float_ops[name] = quantize_graph(fp32.path(name), target, feeds[name], scheme)
+        data = f"{entry.file}.data"
+        # Its own source key: a later fp32 build into the same folder must never take it for its graph.
+        key = hashlib.sha256(f"{entry.source_key} int8 {scheme} {digest}".encode()).hexdigest()
+        entries[name] = replace(entry, precision="int8", external_data=data if (staging / data).is_file() else None,
+                                fp32_ops={"float": float_ops[name]}, source_key=key)
+    return entries, float_ops
+
+
+def _int8_manifest(base: Manifest, name: str, staging: Path, entries: dict[str, GraphEntry], section: dict
+                   ) -> Manifest:
+    files = {base.context.file: FileRecord.of(staging / base.context.file)}
+    for entry in entries.values():
+        files.update({file: FileRecord.of(staging / file) for file in entry.files})
+    return replace(base, name=name, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   precision="int8", graphs=entries, files=files, quantization=section or None, tensorrt=None)
+
+
+def _tool() -> str:
+    import onnxruntime
+
+    return f"onnxruntime.quantization.quantize_static {onnxruntime.__version__} (QDQ, MinMax, per-channel)"
+

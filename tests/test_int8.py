@@ -1,0 +1,126 @@
+"""int8 engine directories (export/quantize.py): calibrated on photos, gated against fp32 on held-out ones,
+recorded in the manifest, refused below a floor with the previous directory left as it was, and run by
+ort-cpu and OpenVINO. Micro model, random weights: the numbers say nothing of real quality — the gate is
+what protects a user; these tests prove that it is measured, recorded and enforced."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptbir.export.quantize import (
+    Floors,
+    Int8Options,
+    QuantizationError,
+    _checked_feeds,
+    calibration_photos,
+    default_calibration,
+    quantize_directory,
+    ssim,
+)
+from adaptbir.runtime.cli import describe_manifest
+from adaptbir.runtime.errors import EngineError
+from adaptbir.runtime.manifest import load_manifest
+from adaptbir.runtime.pipeline import Pipeline
+
+
+def test_an_int8_build_records_its_calibration_and_gate(int8_engines):
+    manifest = load_manifest(int8_engines)  # every file listed and hashed: the closed-directory checks pass
+    q = manifest.quantization
+    assert manifest.precision == "int8" and q["scheme"] == "full"
+    assert {name: g.precision for name, g in manifest.graphs.items()} == {
+        "dual_encoder": "int8", "unet": "int8", "decoder": "int8", "musiq": "fp32"}  # the gate's scorer stays fp32
+    calibration = q["calibration"]
+    assert calibration["photos"] == 3 and calibration["held_out"] == 1 and len(calibration["digest"]) == 64
+    gate = q["gate"]
+    assert gate["passed"] and gate["floors"] == {"eps_psnr_db": 15, "image_psnr_db": 20, "image_ssim": 0.8,
+                                                  "musiq_shift": 3}
+    assert gate["worst"]["eps_psnr_db"] >= 15 and gate["worst"]["image_ssim"] >= 0.8
+    assert set(gate["eps_psnr_db"]) <= {"t 667-999", "t 333-666", "t 0-332"} and len(gate["eps_psnr_db"]) == 3
+    assert all(g.source_key != "" for g in manifest.graphs.values())
+    text = describe_manifest(manifest)
+    assert "int8 gate         passed vs fp32" in text and "calibration       3 photos + 1 held out" in text
+
+
+@pytest.mark.parametrize("backend", ["ort-cpu", "openvino"])
+def test_int8_restores_within_the_gate_of_fp32(int8_engines, micro_engines, photos, tmp_path, backend):
+    """The held-out photo through the int8 directory on each backend, against the fp32 directory on ort-cpu
+    with the same seed and score: within the recorded image floors (OpenVINO runs int8 kernels with bf16
+    elsewhere, so it gets the floors of bf16 too: the PSNR floor minus 6 dB)."""
+    photo = np.asarray(Image.open(photos(tmp_path / "p") / "photo3.png"))
+    manifest = load_manifest(int8_engines)
+    floors = manifest.quantization["gate"]["floors"]
+    fp32 = Pipeline.from_engines(micro_engines, threads=1).restore(photo, seed=3, steps=3, score=50.0)
+    int8 = Pipeline.from_engines(int8_engines, backend=backend, threads=1).restore(photo, seed=3, steps=3, score=50.0)
+    mse = np.mean((int8.image.astype(np.float64) - fp32.image) ** 2)
+    psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
+    assert psnr >= floors["image_psnr_db"] - (6 if backend == "openvino" else 0), psnr
+    assert ssim(int8.image, fp32.image) >= floors["image_ssim"] - 0.05
+
+
+def test_a_floor_above_reach_refuses_and_keeps_the_previous_directory(micro_engines, photos, tmp_path):
+    out = tmp_path / "engines"
+    shutil.copytree(micro_engines, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    options = Int8Options(photos(tmp_path / "photos"), calibration_steps=3, gate_steps=3,
+                          floors=Floors(eps_psnr_db=200.0))
+    with pytest.raises(QuantizationError, match=r"fail the gate .*eps_psnr_db .*floor ≥ 200.*nothing was written"):
+        quantize_directory(micro_engines, out, options, progress=lambda line: None)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["engines", "photos"]  # no staging left behind
+
+
+def test_a_changed_int8_graph_is_refused_at_load(int8_engines, tmp_path):
+    copied = tmp_path / "int8"
+    shutil.copytree(int8_engines, copied)
+    with open(copied / "unet.onnx", "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00")
+    with pytest.raises(EngineError, match=r"unet\.onnx does not match its recorded sha256"):
+        load_manifest(copied)
+
+
+@pytest.mark.parametrize("case,message", [("empty", "0 readable photo"),
+                                          ("too few", "2 readable photo.*at least 3"),
+                                          ("unreadable", "bad.png"), ("missing", "not a folder of photos")])
+def test_bad_calibration_folders_are_one_line(tmp_path, photos, case, message):
+    folder = tmp_path / "cal"
+    folder.mkdir()
+    if case in ("too few", "unreadable"):
+        photos(folder, 2 if case == "too few" else 3)
+    if case == "unreadable":
+        (folder / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(QuantizationError, match=message) as info:
+        calibration_photos(folder / "missing" if case == "missing" else folder)
+    assert "\n" not in str(info.value)
+
+
+def test_a_calibration_run_that_meets_nan_is_refused():
+    feeds = {"unet": [{"x": np.array([np.nan], np.float32)}]}
+    with pytest.raises(QuantizationError, match="fed unet NaN/inf values"):
+        _checked_feeds(feeds)
+
+
+def test_the_default_calibration_set_is_made_the_same_everywhere():
+    first, second = default_calibration(), default_calibration()
+    assert len(first.photos) == 12 and first.digest == second.digest
+    assert {name.rsplit("-", 1)[1] for name, _ in first.photos} == {"mild", "medium", "severe"}
+    calibrate, held = first.split()
+    assert len(held) == 3 and len(calibrate) == 9 and not set(n for n, _ in held) & set(n for n, _ in calibrate)
+    assert all(rgb.dtype == np.uint8 and max(rgb.shape[:2]) <= 512 for _, rgb in first.photos)
+
+
+def test_ssim():
+    """1 for the same image, symmetric, falling as noise grows, and near the closed form for independent
+    noise on a uniform image: (2σx² + C2) / (2σx² + σn² + C2) (means equal, so the luminance term is 1)."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(64, 192, (96, 96, 3)).astype(np.uint8)
+    noisy = {s: np.clip(image + rng.normal(0, s, image.shape), 0, 255).astype(np.uint8) for s in (10, 25, 50)}
+    assert ssim(image, image) == pytest.approx(1.0)
+    assert ssim(image, noisy[25]) == pytest.approx(ssim(noisy[25], image))
+    assert ssim(image, noisy[10]) > ssim(image, noisy[25]) > ssim(image, noisy[50])
+    var, c2 = (128**2 - 1) / 12, (0.03 * 255) ** 2
+    assert ssim(image, noisy[25]) == pytest.approx((2 * var + c2) / (2 * var + 25**2 + c2), abs=0.03)
