@@ -2,13 +2,18 @@
 
     adaptbir-bench --preset tiny --runs 5 --compare torch          # random weights built on the fly
     adaptbir-bench --preset sd21 --stages unet --size 512x512 --runs 3 --compare torch
-    adaptbir-bench --engines engines/sd21-fp16 --runs 5              # an existing directory (no torch)
+    adaptbir-bench --engines engines/sd21-fp16 --runs 5              # an existing directory (no torch weights)
+    adaptbir-bench --engines DIR --compare openvino                   # OpenVINO against ONNX Runtime, one directory
+    adaptbir-bench --engines DIR --compare int8 --int8-engines DIR8   # an int8 directory against the fp32 one
+    adaptbir-bench --preset sd21 --peaks-only                         # the machine's peaks at sd21's UNet shapes
     adaptbir-bench --config my_config.json --compare torch            # any hyper-parameters, random weights
 
 Warm-up runs, then N runs; each stage reports median, min and max. With `--compare torch` the same weights
 run through the torch modules (eager, same thread count) behind the same pipeline code, alternating with
-the runtime run by run, and the ratio runtime/torch is taken pair by pair. Results: a table, a JSON file
-and a PNG chart under benchmarks/results/.
+the runtime run by run, and the ratio runtime/torch is taken pair by pair. The machine's peaks are measured
+in the same run with each backend's own kernels (f32, bf16, int8 convolutions and matmuls at the UNet's
+shapes), and every stage is reported as a fraction of its backend/precision's peak. Results: a table, a
+JSON file and a PNG chart under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -27,8 +32,8 @@ from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.sizes import parse_size
 
-from .memory import openvino_compile_times, peak_rss
-from .peaks import matmul_peak, stage_flops
+from .memory import openvino_compile_times, openvino_profile, peak_rss
+from .peaks import machine_peaks, matmul_peak, meta_model, side_peak_key, stage_flops, unet_kernels
 from .report import chart, table
 from .stages import STAGES, StageRunner, accuracy, measure
 
@@ -56,15 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--backend", default="ort-cpu", help="runtime backend measured")
     p.add_argument("--threads", type=int, help="threads for ONNX Runtime and torch (default: all cores)")
-    p.add_argument("--compare", choices=("torch", "fp16", "openvino"),
+    p.add_argument("--compare", choices=("torch", "fp16", "openvino", "int8"),
                    help="torch: alternate with torch eager on the same weights; "
                    "fp16: accuracy and speed of fp16 engines against fp32 ones of the same weights; "
-                   "openvino: the openvino backend (--cpu-precision) against --backend on the same directory")
+                   "openvino: the openvino backend (--cpu-precision) against --backend on the same directory "
+                   "(--engines works: no torch weights needed); "
+                   "int8: the --int8-engines directory against the fp32 one, both on --backend")
+    p.add_argument("--int8-engines", type=Path, metavar="DIR",
+                   help="with --compare int8: an int8 directory (adaptbir-export build --precision int8) of the "
+                   "same model as the fp32 one")
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
     p.add_argument("--peak-sizes", default="2048,4096", metavar="N,N",
-                   help="square matmul sizes of the machine-peak measurement")
+                   help="square matmul sizes of the torch/ONNX Runtime matmul peak (--compare torch)")
+    p.add_argument("--peak-runs", type=int, default=5,
+                   help="runs per kernel of the machine peaks (f32/bf16/int8 conv and matmul at the UNet's shapes)")
+    p.add_argument("--no-peaks", action="store_true", help="skip the machine peaks and the fractions of them")
+    p.add_argument("--peaks-only", action="store_true",
+                   help="only the machine peaks, at the UNet's shapes of the source's hyper-parameters and --size "
+                   "(builds and loads no engines)")
+    p.add_argument("--no-profile", action="store_true",
+                   help="skip OpenVINO's per-node-type profile of the UNet step (made when openvino is measured)")
     p.add_argument("--json", type=Path, help="result file (default benchmarks/results/bench-NAME.json)")
     return p
 
@@ -74,7 +92,7 @@ def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tup
     build may free it as it goes: `keep_model=False` bounds the build's memory as the CLI's)."""
     precision = precision or args.precision
     if args.engines:
-        if args.compare:
+        if args.compare in ("torch", "fp16"):
             raise AdaptBIRError(f"--compare {args.compare} needs --preset, --config or --checkpoint: "
                                 "an engine directory holds no torch weights")
         return args.engines, None
@@ -94,71 +112,167 @@ def _prepare(args, precision: str | None = None, keep_model: bool = True) -> tup
     return out, built.model
 
 
+def _check(args) -> None:
+    """Refusals that need nothing loaded."""
+    if args.compare == "openvino" and args.backend == "openvino":
+        raise AdaptBIRError("--compare openvino measures openvino against --backend: choose another --backend")
+    if (args.compare == "int8") != (args.int8_engines is not None):
+        raise AdaptBIRError("--compare int8 and --int8-engines DIR go together: the int8 directory is measured "
+                            "against the fp32 one (--engines, or built from --preset/--config/--checkpoint)")
+
+
+def _side_plans(args, engines_dir: Path, fp32_dir: Path | None) -> dict[str, tuple[Path, str, str | None]]:
+    """Each side's (directory, backend, requested CPU precision); "runtime" is the side under test."""
+    if args.compare == "openvino":  # the same directory on both backends
+        return {"runtime": (engines_dir, "openvino", args.cpu_precision),
+                args.backend: (engines_dir, args.backend, None)}
+    if args.compare in ("fp16", "int8"):  # two directories of the same weights on the same backend
+        subject = engines_dir if args.compare == "fp16" else args.int8_engines
+        baseline = fp32_dir if args.compare == "fp16" else engines_dir
+        return {"runtime": (subject, args.backend, args.cpu_precision), "fp32": (baseline, args.backend,
+                                                                                 args.cpu_precision)}
+    return {"runtime": (engines_dir, args.backend, args.cpu_precision)}
+
+
+def _accuracy_labels(args, engines: dict[str, Any]) -> tuple[str, str] | None:
+    if args.compare in ("fp16", "int8"):
+        return args.compare, "fp32"
+    if args.compare == "openvino":
+        return (f"openvino {engines['runtime'].compute_precision}",
+                f"{args.backend} {engines[args.backend].compute_precision}")
+    return None
+
+
+def _hyperparameters(args) -> tuple[str, dict[str, Any]]:
+    """The model's name and hyper-parameters, without building anything: the directory's, or the preset's."""
+    if args.engines:
+        from adaptbir.runtime.manifest import load_manifest
+
+        manifest = load_manifest(args.engines, verify=False)
+        return manifest.name, manifest.hyperparameters
+    from adaptbir.export.config import load_config
+
+    config = load_config(args.preset or (None if args.config else "sd21"), args.config)
+    return config.name, config.to_dict()
+
+
+def _settings(args, name: str, **more: Any) -> dict[str, Any]:
+    return {"name": name, "size": args.size, **more, "command": " ".join(["adaptbir-bench", *sys.argv[1:]])}
+
+
+def _machine(args) -> dict[str, Any]:
+    return {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+            "threads": args.threads or os.cpu_count(), "python": platform.python_version()}
+
+
+def _peaks(args, hyperparameters: dict[str, Any], size: tuple[int, int]) -> dict[str, Any]:
+    return machine_peaks(unet_kernels(hyperparameters, size), args.threads, args.peak_runs)
+
+
+def run_peaks_only(args) -> dict[str, Any]:
+    """`--peaks-only`: the machine's peaks at the UNet's shapes of the source's hyper-parameters; builds and
+    loads nothing."""
+    name, hyperparameters = _hyperparameters(args)
+    return {"settings": _settings(args, f"peaks-{name}", peaks_only=True), "machine": _machine(args),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "peaks": _peaks(args, hyperparameters, parse_size(args.size))}
+
+
+def peak_fractions(report: dict[str, Any]) -> dict[str, Any]:
+    """Every stage's GFLOP/s on every side over the peak of that side's backend and precision (same run)."""
+    out: dict[str, Any] = {}
+    peaks = report["peaks"]["peak_gflops"]
+    for stage, entry in report["stages"].items():
+        for side in report["sides"]:
+            key = side_peak_key(report["backends"][side], report["directory_precision"].get(side),
+                                report["compute_precision"][side], stage)
+            if stage in report["flops"] and key in peaks:
+                gflops = report["flops"][stage] / entry[side]["median"] / 1e9
+                out.setdefault(stage, {})[side] = {"peak": key, "gflops": gflops, "fraction": gflops / peaks[key]}
+    return out
+
+
 # --------------------------------------------------------------------------------------------- main
 
 
 def run(args) -> dict[str, Any]:
-    from adaptbir.runtime.backends import Engines
+    from adaptbir.runtime.backends import Engines, cpu_precision
+    from adaptbir.runtime.manifest import load_manifest
     from adaptbir.runtime.pipeline import Pipeline
 
+    _check(args)
+    if args.peaks_only:
+        return run_peaks_only(args)
     size = parse_size(args.size)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
         raise AdaptBIRError(f"unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    fp32_dir = None
     if args.compare == "fp16":  # the fp16 directory is measured against the fp32 one; no torch weights kept
         fp32_dir, _ = _prepare(args, "fp32", keep_model=False)
         engines_dir, model = _prepare(args, "fp16", keep_model=False)
-    else:  # the torch model is kept for --compare torch and FLOP counts; an OpenVINO comparison needs the memory
-        engines_dir, model = _prepare(args, keep_model=args.compare != "openvino")
-    if args.compare == "openvino" and args.backend == "openvino":
-        raise AdaptBIRError("--compare openvino measures openvino against --backend: choose another --backend")
+    else:  # the torch model is kept for --compare torch only (FLOPs are counted on the meta device)
+        engines_dir, model = _prepare(args, keep_model=args.compare == "torch")
+    plans = _side_plans(args, engines_dir, fp32_dir)
+    # first-call times and profiles in sessions of their own, before the measured sides hold their memory
     compile_times = openvino_compile_times(engines_dir, args, size) if args.compare == "openvino" else None
-    backend = "openvino" if args.compare == "openvino" else args.backend
-    engines = Engines.load(engines_dir, backend=backend, threads=args.threads, precision=args.cpu_precision)
-    if not engines.has("musiq") and "musiq" in stages:
+    profiles = {side: openvino_profile(load_manifest(directory, verify=False), size,
+                                       cpu_precision("openvino", precision), args.threads, max(1, args.runs))
+                for side, (directory, backend, precision) in plans.items()
+                if backend == "openvino" and not args.no_profile}
+    engines = {side: Engines.load(directory, backend=backend, threads=args.threads, precision=precision)
+               for side, (directory, backend, precision) in plans.items()}
+    subject = engines["runtime"]
+    if args.compare == "int8" and subject.manifest.hyperparameters != engines["fp32"].manifest.hyperparameters:
+        raise AdaptBIRError(f"--int8-engines {args.int8_engines} and {engines_dir} hold different models "
+                            "(their manifests' hyperparameters differ)")
+    if not subject.has("musiq") and "musiq" in stages:
         stages.remove("musiq")
-    runners = {"runtime": StageRunner(Pipeline(engines), size, args.steps)}
-    report_accuracy = None
+    runners = {side: StageRunner(Pipeline(e), size, args.steps) for side, e in engines.items()}
     if args.compare == "torch":
         from adaptbir.export.torch_engines import TorchEngines
 
-        runners["torch"] = StageRunner(Pipeline(TorchEngines(engines.manifest, model, args.threads)), size, args.steps)
-    elif args.compare == "fp16":
-        fp32 = Engines.load(fp32_dir, backend=args.backend, threads=args.threads, precision=args.cpu_precision)
-        runners["fp32"] = StageRunner(Pipeline(fp32), size, args.steps)
-        report_accuracy = accuracy(runners["runtime"], runners["fp32"], ("fp16", "fp32"), size, args.steps)
-    elif args.compare == "openvino":
-        baseline = Engines.load(engines_dir, backend=args.backend, threads=args.threads)
-        runners[args.backend] = StageRunner(Pipeline(baseline), size, args.steps)
-        labels = (f"openvino {engines.compute_precision}", f"{args.backend} {baseline.compute_precision}")
-        report_accuracy = accuracy(runners["runtime"], runners[args.backend], labels, size, args.steps)
-    threads = args.threads or os.cpu_count()
+        runners["torch"] = StageRunner(Pipeline(TorchEngines(subject.manifest, model, args.threads)), size, args.steps)
+    labels = _accuracy_labels(args, engines)
+    report_accuracy = None if labels is None else accuracy(runners["runtime"], next(
+        r for side, r in runners.items() if side != "runtime"), labels, size, args.steps)
     report: dict[str, Any] = {
-        "settings": {"name": engines_dir.name, "engines": str(engines_dir), "size": args.size, "steps": args.steps,
-                     "runs": args.runs, "warmup": args.warmup, "backend": args.backend,
-                     "precision": engines.manifest.precision, "backend_under_test": backend,
-                     "command": " ".join(["adaptbir-bench", *sys.argv[1:]])},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": threads, "python": platform.python_version()},
+        "settings": _settings(args, subject.manifest.directory.name, engines=str(subject.manifest.directory),
+                              steps=args.steps, runs=args.runs, warmup=args.warmup, compare=args.compare,
+                              backend=args.backend,
+                              precision=subject.manifest.precision, backend_under_test=subject.backend,
+                              **({"baseline_engines": str(engines_dir)} if args.compare == "int8" else {})),
+        "machine": _machine(args),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "sides": list(runners),
+        "backends": {side: getattr(r.pipeline.engines, "backend", side) for side, r in runners.items()},
         "compute_precision": {side: r.pipeline.engines.compute_precision for side, r in runners.items()},
+        "directory_precision": {side: e.manifest.precision for side, e in engines.items()},
         "stages": measure(runners, stages, args.warmup, args.runs, lambda m: print(f"  {m}", file=sys.stderr)),
-        "engine_bytes": {k: v.bytes for k, v in engines.manifest.files.items()},
+        "engine_bytes": {k: v.bytes for k, v in subject.manifest.files.items()},
     }
     if report_accuracy is not None:
         report["accuracy"] = report_accuracy
     if compile_times is not None:
         report["openvino_compile"] = compile_times
+    if profiles:
+        report["openvino_profile"] = profiles
+    counted = meta_model(subject.manifest)  # None without torch
+    if counted is not None:
+        report["flops"] = stage_flops(counted, runners["runtime"])
+        report["fp32_weight_bytes"] = 4 * sum(p.numel() for p in counted.parameters())
+    if not args.no_peaks:
+        report["peaks"] = _peaks(args, subject.manifest.hyperparameters, size)
+        if "flops" in report:
+            report["fraction_of_peak"] = peak_fractions(report)
     if model is not None:
-        report["flops"] = stage_flops(model, runners["runtime"])
         report["matmul_peak"] = matmul_peak(args.threads, tuple(int(n) for n in args.peak_sizes.split(",")))
-        report["fp32_weight_bytes"] = 4 * sum(p.numel() for p in model.parameters())
     if not args.no_memory:
-        report["memory"] = peak_rss(engines_dir, args.size, args.steps, args.threads, backend, engines.cpu_precision)
-        if args.compare in ("fp16", "openvino"):  # the same restore on the baseline side, for the ratio
-            base = next(r.pipeline.engines for side, r in runners.items() if side != "runtime")
+        report["memory"] = peak_rss(subject.manifest.directory, args.size, args.steps, args.threads, subject.backend,
+                                    subject.cpu_precision)
+        if len(engines) > 1:  # the same restore on the baseline side, for the ratio
+            base = next(e for side, e in engines.items() if side != "runtime")
             report["memory_baseline"] = peak_rss(base.manifest.directory, args.size, args.steps, args.threads,
                                                  base.backend, base.cpu_precision)
         if "peak_rss_mib" in report["memory"] and report.get("fp32_weight_bytes"):
@@ -177,9 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     path = args.json or RESULTS / f"bench-{report['settings']['name']}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")
-    chart(report, path.with_suffix(".png"))
     print(table(report))
-    print(f"results: {path} and {path.with_suffix('.png')}")
+    if "stages" in report:
+        chart(report, path.with_suffix(".png"))
+        print(f"results: {path} and {path.with_suffix('.png')}")
+    else:
+        print(f"results: {path}")
     return 0
 
 

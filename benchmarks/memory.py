@@ -1,10 +1,12 @@
-"""Memory and first-call measurements, each in a fresh session or process: the torch-free peak RSS of a
-restore (`probe.py` in a subprocess) and OpenVINO's compilation time with an empty and a warm cache."""
+"""Measurements each in a fresh session or process: the torch-free peak RSS of a restore (`probe.py` in a
+subprocess), OpenVINO's compilation time with an empty and a warm cache, and OpenVINO's per-node-type
+profile of one UNet step."""
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -13,7 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from .peaks import timed
+from .peaks import openvino_config, timed
+
+
+def unet_feeds(manifest, size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """The UNet's inputs for an image of `size` (H, W): a zero latent and conditioning, the directory's
+    context."""
+    latent = manifest.latent
+    x = np.zeros((1, latent.channels, size[0] // latent.downsample_factor, size[1] // latent.downsample_factor),
+                 np.float32)
+    return {"x": x, "t": np.array([500]), "context": manifest.load_context(), "cond": x,
+            "w": np.array([0.5], np.float32)}
 
 
 def openvino_compile_times(engines_dir: Path, args, size: tuple[int, int]) -> dict[str, float]:
@@ -23,7 +35,6 @@ def openvino_compile_times(engines_dir: Path, args, size: tuple[int, int]) -> di
 
     from adaptbir.runtime.backends import Engines
 
-    feeds = {"x": np.zeros((1, 4, size[0] // 8, size[1] // 8), np.float32), "t": np.array([500])}
     times: dict[str, float] = {}
     saved = os.environ.get("ADAPTBIR_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="adaptbir-ov-cache-") as cache:
@@ -34,8 +45,7 @@ def openvino_compile_times(engines_dir: Path, args, size: tuple[int, int]) -> di
                 engines = Engines.load(engines_dir, backend="openvino", threads=args.threads,
                                        precision=args.cpu_precision)
                 times["load_s"] = time.perf_counter() - start
-                context = engines.manifest.load_context()
-                unet = {**feeds, "context": context, "cond": feeds["x"], "w": np.array([0.5], np.float32)}
+                unet = unet_feeds(engines.manifest, size)
                 times[f"{label}_first_call_s"] = timed(lambda e=engines, u=unet: e.run("unet", u))
                 del engines
         finally:
@@ -44,6 +54,44 @@ def openvino_compile_times(engines_dir: Path, args, size: tuple[int, int]) -> di
             else:
                 os.environ["ADAPTBIR_CACHE_DIR"] = saved
     return times
+
+
+def openvino_profile(manifest, size: tuple[int, int], precision: str, threads: int | None,
+                     runs: int) -> dict[str, Any]:
+    """Where one UNet step's time goes on OpenVINO's CPU plugin: the directory's UNet compiled as the openvino
+    backend compiles it (`precision`, threads, one stream) plus PERF_COUNT, one unmeasured call, then `runs`
+    calls; `infer_request.get_profiling_info()` after each, summed by node type (Convolution,
+    FullyConnected, Subgraph, Reorder, ...) with the kernels (exec types) each ran. Compiled apart from the
+    measured sessions (no compiled-model cache: the profiled model is not what a restore loads)."""
+    import openvino
+
+    core = openvino.Core()
+    feeds = unet_feeds(manifest, size)
+    model = core.read_model(str(manifest.path("unet")))
+    model.reshape({name: openvino.PartialShape(list(array.shape)) for name, array in feeds.items()})
+    request = core.compile_model(model, "CPU", openvino_config(precision, threads, PERF_COUNT="YES")
+                                 ).create_infer_request()
+    del model
+    request.infer(feeds)
+    by_type: dict[str, dict[str, Any]] = {}
+    walls = []
+    for _ in range(runs):
+        walls.append(timed(lambda: request.infer(feeds)))
+        for info in request.get_profiling_info():
+            if info.status != openvino.ProfilingInfo.Status.EXECUTED:
+                continue
+            entry = by_type.setdefault(info.node_type, {"ms": 0.0, "nodes": set(), "exec_types": {}})
+            ms = info.real_time.total_seconds() * 1e3 / runs  # per call
+            entry["ms"] += ms
+            entry["nodes"].add(info.node_name)
+            entry["exec_types"][info.exec_type] = entry["exec_types"].get(info.exec_type, 0.0) + ms
+    total = sum(e["ms"] for e in by_type.values())
+    types = {
+        name: {"ms": e["ms"], "share": e["ms"] / total if total else 0.0, "nodes": len(e["nodes"]),
+               "exec_types": dict(sorted(e["exec_types"].items(), key=lambda kv: -kv[1]))}
+        for name, e in sorted(by_type.items(), key=lambda kv: -kv[1]["ms"])}
+    return {"precision": precision, "runs": runs, "latent": list(feeds["x"].shape[2:]),
+            "wall_ms_median": statistics.median(walls) * 1e3, "profiled_ms": total, "by_type": types}
 
 
 def peak_rss(engines: Path, size: str, steps: int, threads: int | None, backend: str,

@@ -9,10 +9,14 @@ from .stages import GATE_SCORES
 
 
 def table(report: dict[str, Any]) -> str:
+    if "stages" not in report:  # --peaks-only
+        return "\n".join(peak_lines(report["peaks"]))
     stages = report["stages"]
     compare = next((side for side in report["sides"] if side != "runtime"), None)
     subject = f"{report['settings'].get('backend_under_test', 'runtime')} {report['compute_precision']['runtime']}" \
         if "compute_precision" in report else "runtime"
+    if report.get("directory_precision", {}).get("runtime") == "int8" and "int8" not in subject:
+        subject += " int8"  # OpenVINO: int8 kernels where the graph is quantized, the hint's precision elsewhere
     head = f"{'stage':<14} {subject + ' ms (median [min..max])':>34}"
     if compare:
         head += f" {compare + ' ms':>12} {'ratio':>7}"
@@ -38,6 +42,18 @@ def table(report: dict[str, Any]) -> str:
                      f"(torch {p['torch_fp32_gflops']:.1f}, ONNX Runtime {p['ort_fp32_gflops']:.1f}), "
                      f"bf16 {p['bf16_gflops']:.1f} GFLOP/s (torch {p['torch_bf16_gflops']:.1f}"
                      + (f", OpenVINO {p['openvino_bf16_gflops']:.1f})" if "openvino_bf16_gflops" in p else ")"))
+    if "peaks" in report:
+        lines += peak_lines(report["peaks"])
+    if report.get("fraction_of_peak"):
+        lines.append("fraction of peak (stage FLOPs / median time, over the peak of the side's backend and "
+                     "precision, same run):")
+    for stage, sides in report.get("fraction_of_peak", {}).items():
+        lines.append(f"  {stage:<14} " + "; ".join(f"{side} {f['gflops']:.1f} GFLOP/s = {f['fraction']:.0%} of "
+                                                   f"{f['peak']}" for side, f in sides.items()))
+    for side, profile in report.get("openvino_profile", {}).items():
+        shares = ", ".join(f"{name} {t['share']:.0%}" for name, t in list(profile["by_type"].items())[:8])
+        lines.append(f"OpenVINO profile of one UNet step ({side}, {profile['precision']}, latent "
+                     f"{'x'.join(map(str, profile['latent']))}, {profile['wall_ms_median']:.1f} ms): {shares}")
     mem = report.get("memory", {})
     if "peak_rss_mib" in mem:
         lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
@@ -53,6 +69,9 @@ def table(report: dict[str, Any]) -> str:
                      f"warm cache {c['warm_first_call_s']:.1f} s; directory load {c['load_s']:.1f} s")
     if "accuracy" in report:
         a = report["accuracy"]
+        if a["subject"] == "int8" and report["settings"]["precision"] != "int8":
+            lines.append(f"note: the --int8-engines directory is a {report['settings']['precision']} directory "
+                         "(its manifest's precision), not an int8 one")
         lines.append(f"{a['subject']} vs {a['baseline']} (same inputs; ratio above = {a['subject']} / "
                      f"{a['baseline']} time):")
         for name, g in a["graphs"].items():
@@ -66,6 +85,16 @@ def table(report: dict[str, Any]) -> str:
                      f"{a['musiq_graph_identical']}); of {', '.join(map(str, GATE_SCORES))} these change class: "
                      f"{a['gate_flips_near_40_70'] or 'none'}")
     return "\n".join(lines)
+
+
+def peak_lines(peaks: dict[str, Any]) -> list[str]:
+    """The machine's peaks: per backend/precision its best kernel, then every kernel's median."""
+    lines = [f"machine peaks (same run; median GFLOP/s of {peaks['runs']} runs, {peaks['chain']} kernels in a row, "
+             "best kernel first):"]
+    for key, by_kernel in peaks["measured"].items():
+        rest = ", ".join(f"{name} {m['gflops_median']:.1f}" for name, m in by_kernel.items())
+        lines.append(f"  {key:<14} {peaks['peak_gflops'][key]:>8.1f} ({peaks['peak_kernel'][key]}); {rest}")
+    return lines
 
 
 def chart(report: dict[str, Any], path: Path) -> None:

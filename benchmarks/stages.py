@@ -102,7 +102,7 @@ GATE_SCORES = (39.9, 40.0, 40.1, 69.9, 70.0, 70.1)
 
 def accuracy(subject: StageRunner, baseline: StageRunner, labels: tuple[str, str], size: tuple[int, int],
              steps: int) -> dict[str, Any]:
-    """A reduced-precision side (fp16 engines, OpenVINO bf16) against its fp32 baseline on the same inputs:
+    """A reduced-precision side (fp16 or int8 engines, OpenVINO bf16) against its fp32 baseline on the same inputs:
     every graph's PSNR over the baseline's range, the final image of a `steps`-step restore, MUSIQ."""
     from adaptbir.runtime.gating import gate
     from adaptbir.runtime.metrics import psnr, psnr_over_range
