@@ -53,8 +53,8 @@ def test_int8_restores_within_the_gate_of_fp32(int8_engines, micro_engines, phot
     photo = np.asarray(Image.open(photos(tmp_path / "p") / "photo3.png"))
     manifest = load_manifest(int8_engines)
     floors = manifest.quantization["gate"]["floors"]
-    fp32 = Pipeline.from_engines(micro_engines, threads=1).restore(photo, seed=3, steps=3, score=50.0)
-    int8 = Pipeline.from_engines(int8_engines, backend=backend, threads=1).restore(photo, seed=3, steps=3, score=50.0)
+    fp32 = Pipeline.from_engines(micro_engines, threads=1).restore(photo, seed=3, steps=2, score=50.0)
+    int8 = Pipeline.from_engines(int8_engines, backend=backend, threads=1).restore(photo, seed=3, steps=2, score=50.0)
     mse = np.mean((int8.image.astype(np.float64) - fp32.image) ** 2)
     psnr = 10 * np.log10(255**2 / max(mse, 1e-12))
     assert psnr >= floors["image_psnr_db"] - (6 if backend == "openvino" else 0), psnr
@@ -65,7 +65,7 @@ def test_a_floor_above_reach_refuses_and_keeps_the_previous_directory(micro_engi
     out = tmp_path / "engines"
     shutil.copytree(micro_engines, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    options = Int8Options(photos(tmp_path / "photos"), calibration_steps=3, gate_steps=3,
+    options = Int8Options(photos(tmp_path / "photos", 3), calibration_steps=2, gate_steps=2,
                           floors=Floors(eps_psnr_db=200.0))
     with pytest.raises(QuantizationError, match=r"fail the gate .*eps_psnr_db .*floor ≥ 200.*nothing was written"):
         quantize_directory(micro_engines, out, options, progress=lambda line: None)
