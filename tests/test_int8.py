@@ -30,7 +30,7 @@ from adaptbir.runtime.pipeline import Pipeline
 def test_an_int8_build_records_its_calibration_and_gate(int8_engines):
     manifest = load_manifest(int8_engines)  # every file listed and hashed: the closed-directory checks pass
     q = manifest.quantization
-    assert manifest.precision == "int8" and q["scheme"] == "full"
+    assert manifest.precision == "int8" and q["scheme"] == "conv" and q["quantized_ops"] == ["Conv"]
     assert {name: g.precision for name, g in manifest.graphs.items()} == {
         "dual_encoder": "int8", "unet": "int8", "decoder": "int8", "musiq": "fp32"}  # the gate's scorer stays fp32
     calibration = q["calibration"]
