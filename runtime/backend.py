@@ -50,9 +50,10 @@ class Backend:
     missing: str = ""  # the one-line error when a session cannot be made for want of `install`
     providers: tuple[str, ...] = ()  # ONNX Runtime's execution providers, the backend's own first
     cpu_precisions: tuple[str, ...] = ()  # precisions to choose from (--cpu-precision); () = the directory's own
-    # Resident host bytes per graph-file byte, by compute precision (fitted on measured peaks: benchmarks/README.md,
-    # "Restore memory"); backends on a device hold none.
+    # Resident host bytes per graph-file byte, by compute precision, or by "compute/directory" precision where the
+    # directory's matters (fitted on measured peaks: benchmarks/README.md, "Restore memory"); devices hold none.
     weight_factors: Mapping[str, float] = field(default_factory=dict, hash=False)
+    runtime_bytes: int = 0  # host bytes its runtime holds beside the weights once graphs are compiled (fitted)
     predicts_memory: bool = True  # False: device memory is not modelled, the planner takes the pixel rule
 
     def __post_init__(self) -> None:
@@ -72,11 +73,15 @@ class Backend:
         """Whether it runs the directory's TensorRT plans, which serve only their profile's shapes."""
         return self.runtime is Runtime.TENSORRT_PLANS
 
-    def host_weight_bytes(self, graph_bytes: int, precision: str) -> int:
-        """Host memory held for `graph_bytes` of graph files computed in `precision`."""
+    def host_weight_bytes(self, graph_bytes: int, precision: str, directory_precision: str | None = None) -> int:
+        """Host memory held for `graph_bytes` of graph files computed in `precision`, read from a directory of
+        `directory_precision` (the manifest's; None: as if its precision were the compute precision or fp32),
+        with what the backend's runtime holds beside them (`runtime_bytes`)."""
         if self.on_device:
             return 0
-        return int(graph_bytes * self.weight_factors.get(precision, DEFAULT_WEIGHT_FACTOR))
+        factors = self.weight_factors
+        factor = factors.get(f"{precision}/{directory_precision}", factors.get(precision, DEFAULT_WEIGHT_FACTOR))
+        return int(graph_bytes * factor) + self.runtime_bytes
 
     def musiq_token_limit(self, manifest: Manifest) -> int | None:
         """The most MUSIQ tokens it serves for this directory; None = bounded only by memory."""
@@ -95,7 +100,10 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("openvino", Device.CPU, "OpenVINO, bf16 where the CPU has it", Runtime.OPENVINO,
             install=OPENVINO_EXTRA, missing=f"backend openvino needs OpenVINO: {OPENVINO_EXTRA}",
             cpu_precisions=CPU_PRECISIONS,
-            weight_factors={"f32": 2.0, "bf16": 2.0}),  # the read model and the compiled one
+            # Every weight held twice, as the model compiled from (f16 in bf16: backends.weights_in_f16; fp32 in f32)
+            # and as the plugin's packed copy in the compute precision: per byte of an fp16 directory, twice that.
+            weight_factors={"bf16": 1.05, "f32": 2.1, "bf16/fp16": 2.1, "f32/fp16": 3.2},
+            runtime_bytes=100 * 2**20),  # the CPU plugin's code and compiled kernels
     Backend("ort-cuda", Device.NVIDIA, "ONNX Runtime's CUDA provider", Runtime.ONNX_RUNTIME, install=GPU_ORT,
             missing=f"backend ort-cuda: this onnxruntime has no CUDA provider; {GPU_ORT}",
             providers=("CUDAExecutionProvider", "CPUExecutionProvider"), predicts_memory=False),

@@ -9,6 +9,8 @@ written against the documented APIs and are not validated on hardware (see READM
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import os
 import threading
@@ -85,7 +87,8 @@ def _share_cpu_arena(ort) -> None:
 
 
 def cache_root() -> Path:
-    """Per-user cache folder of compiled models: never inside an engine directory, which may be read-only."""
+    """Per-user cache folder of compiled engines (TensorRT's, through ONNX Runtime): never inside an engine
+    directory, which may be read-only."""
     if os.environ.get("ADAPTBIR_CACHE_DIR"):
         return Path(os.environ["ADAPTBIR_CACHE_DIR"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "adaptbir"
@@ -126,33 +129,33 @@ def cpu_precision(backend: str, requested: str | None, core=None) -> str | None:
 class OpenVinoSession:
     """One graph on OpenVINO's CPU plugin, compiled for the static shapes of each call.
 
-    A compiled model per input shape, the most recent `MAX_SHAPES` kept (tiling uses a few tile shapes);
-    compiled models are cached on disk by OpenVINO (CACHE_DIR) in a per-user folder keyed by the graph's
-    sha256, so a second load of the same directory skips compilation. Every call gets its own infer
-    request, so one session serves several threads at once.
+    A compiled model per input shape, the most recent `MAX_SHAPES` kept (tiling uses a few tile shapes). Every
+    call gets its own infer request, so one session serves several threads at once.
+
+    Memory (measured on `sd21`, benchmarks/README.md, "OpenVINO memory"): a compiled model keeps the model it was
+    compiled from (the CPU plugin holds it) beside its own packed copy of the weights, so the weights are prepared
+    to be held once in f16 before compiling (`weights_in_f16`): the UNet holds 5.4 GiB, not 8.5, from an fp32 or
+    an fp16 directory. Every shape is compiled from the one prepared model, whose weights the compiled models
+    share: a second shape adds the packed copy only (2.8 GiB, not 5.4). A compiled model also keeps its
+    intermediate buffers after a call; the sessions of one `Engines` share an `OpenVinoMemory`, which frees them
+    when another graph's call starts, so that, as with ONNX Runtime's shared arena, only the running graph holds
+    its buffers. No compiled-model cache (CACHE_DIR): measured, it saved 4 s of the UNet's 17 s first call and
+    held 2.3 GiB more meanwhile (the cached model beside the prepared one).
     """
 
     MAX_SHAPES = 4
 
-    def __init__(self, core, path: Path, cache_key: str, precision: str, threads: int | None):
-        self._core, self._path = core, path
-        # Read at load, so an unreadable graph fails here in one line; the first compilation uses it.
-        self._first_read = self._read()
-        self.precision = precision
-        self._config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1",
-                        "CACHE_DIR": str(cache_root() / "openvino" / cache_key)}
+    def __init__(self, core, path: Path, precision: str, threads: int | None, memory: OpenVinoMemory | None = None):
+        self._core, self._path, self.precision = core, path, precision
+        read_openvino_model(core, path, mapped=True)  # at load, so an unreadable graph fails here, in one line
+        release_freed_memory()
+        self._config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = str(threads)
+        self._model = None  # prepared at the first call; every shape is compiled from it, sharing its weights
         self._compiled: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
-
-    def _read(self):
-        """The graph, read anew for each shape: a model kept between compilations would keep the file's
-        memory-mapped weights resident beside the compiled (e.g. bf16) copy."""
-        try:
-            return self._core.read_model(str(self._path))
-        except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
-            raise EngineError(f"OpenVINO cannot read {self._path}: {str(err).splitlines()[0]}") from err
+        self._memory = memory or OpenVinoMemory()
 
     def _compiled_for(self, feeds: dict[str, np.ndarray]):
         key = tuple(sorted((name, array.shape) for name, array in feeds.items()))
@@ -162,23 +165,145 @@ class OpenVinoSession:
                 return self._compiled[key]
             import openvino
 
-            model = self._first_read if self._first_read is not None else self._read()
-            self._first_read = None  # later shapes read the graph anew (see `_read`)
-            model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in key})
+            if self._model is None:
+                # bf16 reads the weights into memory rather than mapping them: `weights_in_f16` frees each fp32
+                # weight as its f16 copy replaces it, where every mapped page read would stay resident until the
+                # last one is freed (7.4 GiB for a moment on sd21's UNet, against 5.4 held after).
+                self._model = read_openvino_model(self._core, self._path, mapped=self.precision != "bf16")
+                weights_in_f16(self._model, self.precision)
+            self._model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in key})
             try:
-                compiled = self._core.compile_model(model, "CPU", self._config)
+                compiled = self._core.compile_model(self._model, "CPU", self._config)
             except Exception as err:
                 raise EngineError(f"OpenVINO cannot compile {self._path} for {dict(key)}: "
                                   f"{str(err).splitlines()[0]}") from err
+            release_freed_memory()
             self._compiled[key] = compiled
             if len(self._compiled) > self.MAX_SHAPES:
                 self._compiled.popitem(last=False)
             return compiled
 
     def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        compiled = self._compiled_for(feeds)
-        results = compiled.create_infer_request().infer(feeds)
-        return [np.array(results[output]) for output in compiled.outputs]  # copies out of the request
+        with self._memory.call(self):
+            compiled = self._compiled_for(feeds)
+            results = compiled.create_infer_request().infer(feeds)
+            return [np.array(results[output]) for output in compiled.outputs]  # copies out of the request
+
+    def release_buffers(self) -> None:
+        """Free every compiled model's intermediate buffers (OpenVINO allocates them again at the next call)."""
+        with self._lock:
+            for compiled in self._compiled.values():
+                compiled.release_memory()
+
+
+class OpenVinoMemory:
+    """The sessions of one `Engines` on OpenVINO: when a call starts, the other sessions that hold intermediate
+    buffers and run no call free them. Measured on `sd21` at 512x512: the dual encoder's 0.19 GiB, MUSIQ's 0.09,
+    the UNet's 0.06 and the decoder's 0.38 would otherwise all stay held; freeing costs one allocation per graph
+    and switch (a restore runs each graph in one stretch: MUSIQ, encoder, UNet steps, decoder)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: dict[OpenVinoSession, int] = {}
+
+    @contextlib.contextmanager
+    def call(self, session: OpenVinoSession):
+        with self._lock:
+            for other, running in list(self._running.items()):
+                if other is not session and not running:
+                    other.release_buffers()
+                    del self._running[other]
+            self._running[session] = self._running.get(session, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running[session] -= 1
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's `malloc_trim`; nothing elsewhere). Reading and
+    compiling a graph frees many blocks below glibc's mapping threshold, which the heap would otherwise keep:
+    0.5 GiB after loading sd21's graphs, measured."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
+def read_openvino_model(core, path: Path, mapped: bool):
+    """The graph at `path`, its weights memory-mapped or read into memory; one line when it cannot be read."""
+    try:
+        return core.read_model(str(path), config={"ENABLE_MMAP": mapped})
+    except Exception as err:  # OpenVINO raises RuntimeError subclasses of its own
+        raise EngineError(f"OpenVINO cannot read {path}: {str(err).splitlines()[0]}") from err
+
+
+WEIGHT_OPERATIONS = ("Convolution", "GroupConvolution", "MatMul")  # whose input 1 is a weight
+FP16_MAX = 65504.0
+# The run-time attribute that marks the Convert of a compressed weight (OpenVINO's `mark_as_decompression`, as its
+# fp16-compressed IR has it): the CPU plugin then keeps the f16 constant and packs its own copy from it, where an
+# unmarked Convert is folded into an f32 copy of the weight. Not in the Python API; tests/test_openvino_memory.py
+# checks on the compiled model that the plugin still reads it.
+DECOMPRESSION = "decompression_0"
+
+
+def weights_in_f16(model, precision: str) -> None:
+    """Prepare a read graph so that OpenVINO holds its weights in f16 before compiling it for `precision`: an fp16
+    graph (our fp16 directories) becomes an f32 graph whose f16 constants stay f16 behind a decompression Convert
+    (the form of OpenVINO's own compressed models; read as is, the plugin converts every f16 weight to an f32 copy);
+    in bf16, each fp32 weight (a constant read only as input 1 of a convolution or matmul, within f16's range) is
+    replaced by its f16 rounding the same way; the other fp32 constants (timestep frequencies, norm scales) stay.
+    Each replaced constant is freed as the walk passes it (the walk holds one node at a time)."""
+    import openvino
+    import openvino.opset13 as ops
+
+    f16, f32 = openvino.Type.f16, openvino.Type.f32
+    nodes = model.get_ordered_ops()
+    nodes.reverse()
+    while nodes:
+        node = nodes.pop()
+        kind = node.get_type_name()
+        if kind == "Convert" and node.get_output_element_type(0) == f16:  # fp16 graph: its casts to f16 go
+            source = node.input_value(0)
+            node.output(0).replace(source if source.get_element_type() == f32 else ops.convert(source, f32).output(0))
+        elif kind == "Constant" and node.get_output_element_type(0) == f16:
+            _decompressed(node, node)
+        elif kind == "Constant" and precision == "bf16" and _is_weight(node):
+            data = node.get_data()
+            if data.size and max(float(data.max()), -float(data.min())) <= FP16_MAX:
+                _decompressed(node, ops.constant(data.astype(np.float16)))
+            del data
+    model.validate_nodes_and_infer_types()
+
+
+def _is_weight(node) -> bool:
+    import openvino
+
+    targets = node.output(0).get_target_inputs()
+    return node.get_output_element_type(0) == openvino.Type.f32 and bool(targets) and all(
+        t.get_index() == 1 and t.get_node().get_type_name() in WEIGHT_OPERATIONS for t in targets)
+
+
+def _decompressed(constant, half) -> None:
+    """Feed `constant`'s readers from the f16 constant `half` through a marked decompression Convert to f32."""
+    import openvino
+    import openvino.opset13 as ops
+
+    targets = list(constant.output(0).get_target_inputs())
+    convert = ops.convert(half, openvino.Type.f32)
+    convert.get_rt_info()[DECOMPRESSION] = ""
+    for target in targets:
+        target.replace_source_output(convert.output(0))
 
 
 def ort_providers(backend: Backend, cache_key: str) -> list:
@@ -287,6 +412,7 @@ class Engines:
             raise BackendError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
         self.manifest, self.backend, self.threads = manifest, backend, threads  # the name: records, `Result`
         self._core = openvino_core() if BACKENDS[backend].runtime is Runtime.OPENVINO else None
+        self._openvino_memory = OpenVinoMemory()  # shared by its OpenVINO sessions
         self.cpu_precision = cpu_precision(backend, precision, self._core)
         self.specs = {name: manifest.graph(name) for name in manifest.graphs}
         self.sessions: dict[str, Session] = {name: self._session(name) for name in self.specs}
@@ -314,12 +440,13 @@ class Engines:
                 raise BackendError(f"backend {self.backend}: {self.manifest.directory} has no TensorRT plan for "
                                    f"{name}; build them with `adaptbir-export trt --engines DIR --shape HxW`")
             return TrtSession(plan, [t.name for t in self.specs[name].outputs])
-        # Compiled-model caches live per user, keyed by the graph's files' sha256 (listed, so checked at load).
-        shas = "".join(self.manifest.files[f].sha256 for f in self.manifest.graphs[name].files)
-        key = hashlib.sha256(shas.encode()).hexdigest()[:32]
         if runtime is Runtime.OPENVINO:
             precision = "f32" if _fp32_only(name) else self.cpu_precision
-            return OpenVinoSession(self._core, self.manifest.path(name), key, precision, self.threads)
+            return OpenVinoSession(self._core, self.manifest.path(name), precision, self.threads,
+                                   self._openvino_memory)
+        # TensorRT's engine caches live per user, keyed by the graph's files' sha256 (listed, so checked at load).
+        shas = "".join(self.manifest.files[f].sha256 for f in self.manifest.graphs[name].files)
+        key = hashlib.sha256(shas.encode()).hexdigest()[:32]
         return OrtSession(self.manifest.path(name), ort_providers(self.backend_description, key), self.threads)
 
     def has(self, name: str) -> bool:

@@ -89,7 +89,7 @@ def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: t
     factor = manifest.latent.downsample_factor
     whole = (padded[0] // factor, padded[1] // factor)
     graph_bytes = sum(manifest.graph_bytes(name) for name in manifest.graphs)
-    held = (PROCESS_BYTES + describe(backend).host_weight_bytes(graph_bytes, precision)
+    held = (PROCESS_BYTES + describe(backend).host_weight_bytes(graph_bytes, precision, manifest.precision)
             + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1])
     calls = {}
     for name, entry in manifest.graphs.items():

@@ -1,8 +1,13 @@
 """Measured against predicted peak memory of one whole restore (`runtime/plan.py`), torch-free.
 
-    python tools/restore_memory.py engines/tiny-random 512x512 1024x768 [--steps 1] [--tile-size 0]
+    python tools/restore_memory.py engines/tiny-random 512x512 1024x768 [--steps 2] [--tile-size 0]
+    python tools/restore_memory.py engines/sd21-fp32 512x512 --backend openvino --cpu-precision bf16
 
-Each size runs in a fresh process (a random photo of that size, MUSIQ included), so each peak is its own.
+Each size runs in a fresh process (a random photo of that size, MUSIQ included unless --score is given), so
+each peak is its own. Printed per size: RSS after loading the directory, the peak (VmHWM) and the RSS after
+the restore (the steady state: every graph compiled or loaded, its activations released), the peak's
+anonymous and file-mapped parts at the end, the plan's prediction and its error against the peak, and the
+restore's wall time, of which the first call of each graph (OpenVINO compiles there).
 """
 
 from __future__ import annotations
@@ -18,20 +23,33 @@ import numpy as np
 from adaptbir.runtime.memory import peak_rss_bytes, rss_bytes
 from adaptbir.runtime.pipeline import Pipeline
 from adaptbir.runtime.sizes import describe_size, parse_size
-engines, size, steps, tile, backend = sys.argv[1], sys.argv[2], max(int(sys.argv[3]), 2), sys.argv[4], sys.argv[5]
-tile = None if tile == "auto" else int(tile)
+engines, size, steps, tile, backend, precision, score = sys.argv[1:8]
+steps, tile = max(int(steps), 2), None if tile == "auto" else int(tile)
 h, w = parse_size(size, multiple=1)
-pipeline = Pipeline.from_engines(engines, backend=backend)
-loaded = rss_bytes()
+start = time.perf_counter()
+pipeline = Pipeline.from_engines(engines, backend=backend, precision=precision or None)
+load_s, loaded = time.perf_counter() - start, rss_bytes()
+firsts = {}
+for name, session in pipeline.engines.sessions.items():
+    def timed(feeds, run=session.run, name=name):
+        begin = time.perf_counter()
+        try:
+            return run(feeds)
+        finally:
+            firsts.setdefault(name, time.perf_counter() - begin)
+    session.run = timed
 photo = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
 start = time.perf_counter()
-result = pipeline.restore(photo, seed=0, steps=steps, tile_size=tile)
-plan = result.plan
+result = pipeline.restore(photo, seed=0, steps=steps, tile_size=tile, score=float(score) if score else None)
+restore_s, plan, peak = time.perf_counter() - start, result.plan, peak_rss_bytes()
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+anon, file = (int(status[k].split()[0]) * 1024 for k in ("RssAnon", "RssFile"))
 MiB = 2**20
-print(f"{describe_size(h, w):>22}  tiled {str(result.tiled):5}  loaded {loaded / MiB:7.0f} MiB  "
-      f"peak {peak_rss_bytes() / MiB:7.0f} MiB  predicted {plan.peak_bytes / MiB:7.0f} MiB "
-      f"({plan.peak_bytes / peak_rss_bytes() - 1:+.0%}, {plan.peak_stage})  {time.perf_counter() - start:.1f} s",
-      flush=True)
+print(f"{describe_size(h, w):>22}  {backend} {result.precision:4}  tiled {str(result.tiled):5}  "
+      f"loaded {loaded / MiB:6.0f} MiB in {load_s:5.1f} s  peak {peak / MiB:6.0f} MiB  "
+      f"after {rss_bytes() / MiB:6.0f} MiB (anon {anon / MiB:.0f} + file {file / MiB:.0f})  "
+      f"predicted {plan.peak_bytes / MiB:6.0f} MiB ({plan.peak_bytes / peak - 1:+.0%}, {plan.peak_stage})  "
+      f"{restore_s:.1f} s, first calls " + ", ".join(f"{name} {s:.1f} s" for name, s in firsts.items()), flush=True)
 """
 
 
@@ -39,13 +57,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("engines")
     parser.add_argument("sizes", nargs="+", help="HxW")
-    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--tile-size", default="0", help="px, 0 = untiled, auto = the runtime's choice")
     parser.add_argument("--backend", default="ort-cpu")
+    parser.add_argument("--cpu-precision", default="", help="openvino: bf16 or f32 (default: the backend's)")
+    parser.add_argument("--score", default="", help="give the score (MUSIQ does not run)")
     args = parser.parse_args()
     for size in args.sizes:
         subprocess.run([sys.executable, "-c", CHILD, args.engines, size, str(args.steps), args.tile_size,
-                        args.backend], check=True)
+                        args.backend, args.cpu_precision, args.score], check=True)
 
 
 if __name__ == "__main__":
