@@ -24,7 +24,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GRAPHS
 from adaptbir.runtime.image_io import read_image
 from adaptbir.runtime.manifest import FileRecord, GraphEntry, Manifest
-from adaptbir.runtime.metrics import psnr_over_range
+from adaptbir.runtime.metrics import psnr, psnr_over_range
 
 SCHEMES = {  # the op types whose inputs are quantized; the rest of the graph stays float
     "full": ("Conv", "MatMul", "Gemm"),  # convolutions, attention and linear layers
@@ -78,8 +78,10 @@ class Calibration:
 
     def split(self) -> tuple[list[tuple[str, np.ndarray]], list[tuple[str, np.ndarray]]]:
         """(calibrate on, held out): every fourth photo is held out, at least one."""
-        held = [p for i, p in enumerate(self.photos) if i % 4 == 3] or [self.photos[-1]]
-        return [p for p in self.photos if p not in held], held
+        last = len(self.photos) - 1
+        held = {i for i in range(len(self.photos)) if i % 4 == 3} or {last}
+        return ([p for i, p in enumerate(self.photos) if i not in held],
+                [p for i, p in enumerate(self.photos) if i in held])
 
 
 # ------------------------------------------------------------------------------------------ photos
@@ -273,7 +275,6 @@ class GateResult:
     floors: Floors
     eps_psnr_db: dict[str, float]  # worst per timestep range
     photos: list[dict[str, Any]]  # per held-out photo: psnr_db, ssim, musiq_shift
-    graphs: dict[str, dict[str, Any]] = field(default_factory=dict)  # per graph: held-out PSNR vs fp32
 
     @property
     def worst(self) -> dict[str, float]:
@@ -329,14 +330,9 @@ def run_gate(fp32, int8, held_out: list[tuple[str, np.ndarray]], steps: int, see
         unet_feeds += recorder.feeds["unet"]
         result = int8.restore(rgb, seed=seed, steps=steps, score=reference.score)  # the same gate decision
         shift = abs(fp32.stages.score(result.image) - fp32.stages.score(reference.image))
-        photos.append({"photo": name, "psnr_db": round(_image_psnr(result.image, reference.image), 3),
+        photos.append({"photo": name, "psnr_db": round(psnr(result.image, reference.image, 255) or math.inf, 3),
                        "ssim": round(ssim(result.image, reference.image), 5), "musiq_shift": round(shift, 4)})
     return GateResult(floors, _eps_psnr(fp32.engines, int8.engines, unet_feeds), photos)
-
-
-def _image_psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def graph_parity(fp32, int8, name: str, feeds: list[dict[str, np.ndarray]], floor: float) -> dict[str, Any]:
