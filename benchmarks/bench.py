@@ -32,7 +32,7 @@ from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.sizes import parse_size
 
-from .memory import openvino_compile_times, openvino_profile, peak_rss
+from .memory import openvino_load_times, openvino_profile, peak_rss
 from .peaks import machine_peaks, matmul_peak, meta_model, side_peak_key, stage_flops, unet_kernels
 from .report import chart, table
 from .stages import STAGES, StageRunner, accuracy, measure
@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--int8-engines", type=Path, metavar="DIR",
                    help="with --compare int8: an int8 directory (adaptbir-export build --precision int8) of the "
                    "same model as the fp32 one")
+    p.add_argument("--also", metavar="BACKEND",
+                   help="with --compare int8/fp16: the fp32 directory on BACKEND too, in the same run (--compare "
+                   "int8 --backend openvino --also ort-cpu: int8 on OpenVINO against ONNX Runtime fp32)")
     p.add_argument("--cpu-precision", choices=CPU_PRECISIONS,
                    help="OpenVINO's precision (default bf16 where the CPU has it)")
     p.add_argument("--no-memory", action="store_true", help="skip the torch-free peak-RSS subprocess")
@@ -116,6 +119,9 @@ def _check(args) -> None:
     """Refusals that need nothing loaded."""
     if args.compare == "openvino" and args.backend == "openvino":
         raise AdaptBIRError("--compare openvino measures openvino against --backend: choose another --backend")
+    if args.also is not None and (args.compare not in ("fp16", "int8") or args.also == args.backend):
+        raise AdaptBIRError("--also BACKEND adds the fp32 directory on another backend than --backend to --compare "
+                            "int8 or fp16")
     if (args.compare == "int8") != (args.int8_engines is not None):
         raise AdaptBIRError("--compare int8 and --int8-engines DIR go together: the int8 directory is measured "
                             "against the fp32 one (--engines, or built from --preset/--config/--checkpoint)")
@@ -129,8 +135,11 @@ def _side_plans(args, engines_dir: Path, fp32_dir: Path | None) -> dict[str, tup
     if args.compare in ("fp16", "int8"):  # two directories of the same weights on the same backend
         subject = engines_dir if args.compare == "fp16" else args.int8_engines
         baseline = fp32_dir if args.compare == "fp16" else engines_dir
-        return {"runtime": (subject, args.backend, args.cpu_precision), "fp32": (baseline, args.backend,
-                                                                                 args.cpu_precision)}
+        sides = {"runtime": (subject, args.backend, args.cpu_precision),
+                 "fp32": (baseline, args.backend, args.cpu_precision)}
+        if args.also:  # the fp32 directory on another backend, in the same run
+            sides[args.also] = (baseline, args.also, None)
+        return sides
     return {"runtime": (engines_dir, args.backend, args.cpu_precision)}
 
 
@@ -216,7 +225,7 @@ def run(args) -> dict[str, Any]:
         engines_dir, model = _prepare(args, keep_model=args.compare == "torch")
     plans = _side_plans(args, engines_dir, fp32_dir)
     # first-call times and profiles in sessions of their own, before the measured sides hold their memory
-    compile_times = openvino_compile_times(engines_dir, args, size) if args.compare == "openvino" else None
+    load_times = openvino_load_times(engines_dir, args, size) if args.compare == "openvino" else None
     profiles = {side: openvino_profile(load_manifest(directory, verify=False), size,
                                        cpu_precision("openvino", precision), args.threads, max(1, args.runs))
                 for side, (directory, backend, precision) in plans.items()
@@ -254,8 +263,8 @@ def run(args) -> dict[str, Any]:
     }
     if report_accuracy is not None:
         report["accuracy"] = report_accuracy
-    if compile_times is not None:
-        report["openvino_compile"] = compile_times
+    if load_times is not None:
+        report["openvino_load"] = load_times
     if profiles:
         report["openvino_profile"] = profiles
     counted = meta_model(subject.manifest)  # None without torch
@@ -271,10 +280,13 @@ def run(args) -> dict[str, Any]:
     if not args.no_memory:
         report["memory"] = peak_rss(subject.manifest.directory, args.size, args.steps, args.threads, subject.backend,
                                     subject.cpu_precision)
-        if len(engines) > 1:  # the same restore on the baseline side, for the ratio
-            base = next(e for side, e in engines.items() if side != "runtime")
-            report["memory_baseline"] = peak_rss(base.manifest.directory, args.size, args.steps, args.threads,
-                                                 base.backend, base.cpu_precision)
+        others = {side: e for side, e in engines.items() if side != "runtime"}  # the same restore, for the ratios
+        measured = {side: peak_rss(e.manifest.directory, args.size, args.steps, args.threads, e.backend,
+                                   e.cpu_precision) for side, e in others.items()}
+        if measured:
+            report["memory_baseline"] = next(iter(measured.values()))
+        if len(measured) > 1:
+            report["memory_sides"] = measured
         if "peak_rss_mib" in report["memory"] and report.get("fp32_weight_bytes"):
             report["memory"]["rss_over_fp32_weights"] = report["memory"]["peak_rss_mib"] * 2**20 / report[
                 "fp32_weight_bytes"]

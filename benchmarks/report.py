@@ -12,22 +12,22 @@ def table(report: dict[str, Any]) -> str:
     if "stages" not in report:  # --peaks-only
         return "\n".join(peak_lines(report["peaks"]))
     stages = report["stages"]
-    compare = next((side for side in report["sides"] if side != "runtime"), None)
+    others = [side for side in report["sides"] if side != "runtime"]
     subject = f"{report['settings'].get('backend_under_test', 'runtime')} {report['compute_precision']['runtime']}" \
         if "compute_precision" in report else "runtime"
     if report.get("directory_precision", {}).get("runtime") == "int8" and "int8" not in subject:
         subject += " int8"  # OpenVINO: int8 kernels where the graph is quantized, the hint's precision elsewhere
     head = f"{'stage':<14} {subject + ' ms (median [min..max])':>34}"
-    if compare:
-        head += f" {compare + ' ms':>12} {'ratio':>7}"
+    for other in others:
+        head += f" {other + ' ms':>12} {'ratio':>7}"
     if report.get("flops"):
         head += f" {'GFLOP':>9} {'GFLOP/s':>9}"
     lines = [head]
     for stage, e in stages.items():
         rt = e["runtime"]
         row = f"{stage:<14} {rt['median'] * 1e3:>12.2f} [{rt['min'] * 1e3:>8.2f}..{rt['max'] * 1e3:>9.2f}]"
-        if compare:
-            row += f" {e[compare]['median'] * 1e3:>12.2f} {e[f'ratio_runtime_over_{compare}']['median']:>7.3f}"
+        for other in others:
+            row += f" {e[other]['median'] * 1e3:>12.2f} {e[f'ratio_runtime_over_{other}']['median']:>7.3f}"
         if report.get("flops") and stage in report["flops"]:
             gflop = report["flops"][stage] / 1e9
             row += f" {gflop:>9.2f} {gflop / rt['median']:>9.1f}"
@@ -59,14 +59,15 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
                      + (f" = {mem['rss_over_fp32_weights']:.2f} x fp32 weights" if "rss_over_fp32_weights" in mem
                         else ""))
-    base = report.get("memory_baseline", {})
-    if "peak_rss_mib" in base:
-        lines.append(f"baseline peak RSS (same restore, {report['sides'][1]}): {base['peak_rss_mib']:.0f} MiB")
+    for side, base in report.get("memory_sides", {others[0]: report["memory_baseline"]} if "memory_baseline" in report
+                                 else {}).items():
+        if "peak_rss_mib" in base:
+            lines.append(f"peak RSS of the same restore on {side}: {base['peak_rss_mib']:.0f} MiB")
     lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))
-    if "openvino_compile" in report:
-        c = report["openvino_compile"]
-        lines.append(f"OpenVINO first UNet call (compiles for the shape): cold cache {c['cold_first_call_s']:.1f} s, "
-                     f"warm cache {c['warm_first_call_s']:.1f} s; directory load {c['load_s']:.1f} s")
+    if "openvino_load" in report:
+        c = report["openvino_load"]
+        lines.append(f"OpenVINO directory load {c['load_s']:.1f} s, first UNet call (prepares the weights and "
+                     f"compiles for the shape) {c['first_call_s']:.1f} s")
     if "accuracy" in report:
         a = report["accuracy"]
         if a["subject"] == "int8" and report["settings"]["precision"] != "int8":

@@ -50,9 +50,8 @@ def _parser() -> argparse.ArgumentParser:
                                     "held-out ones; below a floor nothing is written")
     int8.add_argument("--calibration", type=Path, help="folder of degraded photos like yours (default: matplotlib's "
                       "sample photos, synthetically degraded)")
-    int8.add_argument("--int8-scheme", choices=tuple(SCHEMES), default="conv",
-                      help="conv: convolutions int8; full: attention and linear layers too (measured on the tiny "
-                      "model: 8x slower on OpenVINO, whose u8 x u8 matmuls have no int8 kernel)")
+    int8.add_argument("--int8-scheme", choices=tuple(SCHEMES), default=Int8Options.scheme,
+                      help="; ".join(f"{name}: {scheme.help}" for name, scheme in SCHEMES.items()))
     int8.add_argument("--calibration-steps", type=int, default=10, help="sampling steps of each calibration run")
     int8.add_argument("--gate-steps", type=int, default=10, help="sampling steps of each gate restore")
     floors = Floors()

@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 
 from adaptbir.runtime.graphs import Tolerance
-from adaptbir.runtime.metrics import psnr_over_range
+from adaptbir.runtime.metrics import output_errors
 
 from .components import Component
 
@@ -217,17 +217,10 @@ class Parity:
 
 def compare(actual: list[np.ndarray], expected: list[np.ndarray], tol: Tolerance, precision: str) -> Parity:
     """Worst case over the outputs, judged by the precision's rule (abs error for fp32, PSNR for fp16)."""
-    max_abs, max_rel, worst = 0.0, 0.0, math.inf
-    for a, e in zip(actual, expected, strict=True):
-        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        if a.shape != e.shape or not np.all(np.isfinite(a)):
-            return Parity(math.inf, math.inf, 0.0, "finite, same shape", False)
-        err = np.abs(a - e)
-        max_abs = max(max_abs, float(err.max()))
-        max_rel = max(max_rel, float(err.max() / max(np.abs(e).max(), 1e-12)))
-        db = psnr_over_range(a, e)
-        if db is not None:
-            worst = min(worst, db)
+    errors = output_errors(actual, expected)
+    if errors is None:
+        return Parity(math.inf, math.inf, 0.0, "finite, same shape", False)
+    max_abs, max_rel, worst = errors
     if precision == "fp16" and tol.fp16_min_psnr_db != math.inf:
         tolerance, passed = f"PSNR >= {tol.fp16_min_psnr_db:g} dB", worst >= tol.fp16_min_psnr_db
     else:

@@ -166,11 +166,7 @@ class OpenVinoSession:
             import openvino
 
             if self._model is None:
-                # bf16 reads the weights into memory rather than mapping them: `weights_in_f16` frees each fp32
-                # weight as its f16 copy replaces it, where every mapped page read would stay resident until the
-                # last one is freed (7.4 GiB for a moment on sd21's UNet, against 5.4 held after).
-                self._model = read_openvino_model(self._core, self._path, mapped=self.precision != "bf16")
-                weights_in_f16(self._model, self.precision)
+                self._model = prepared_openvino_model(self._core, self._path, self.precision)
             self._model.reshape({name: openvino.PartialShape(list(shape)) for name, shape in key})
             try:
                 compiled = self._core.compile_model(self._model, "CPU", self._config)
@@ -255,6 +251,16 @@ FP16_MAX = 65504.0
 # unmarked Convert is folded into an f32 copy of the weight. Not in the Python API; tests/test_openvino_memory.py
 # checks on the compiled model that the plugin still reads it.
 DECOMPRESSION = "decompression_0"
+
+
+def prepared_openvino_model(core, path: Path, precision: str):
+    """The graph at `path` as every session compiles it for `precision`: weights held in f16 (`weights_in_f16`).
+    bf16 reads the weights into memory rather than mapping them: `weights_in_f16` frees each fp32 weight as its
+    f16 copy replaces it, where every mapped page read would stay resident until the last one is freed (7.4 GiB
+    for a moment on sd21's UNet, against 5.4 held after)."""
+    model = read_openvino_model(core, path, mapped=precision != "bf16")
+    weights_in_f16(model, precision)
+    return model
 
 
 def weights_in_f16(model, precision: str) -> None:
@@ -429,8 +435,12 @@ class Engines:
 
     @property
     def compute_precision(self) -> str:
-        """What the UNet, encoders and decoder compute in on this backend."""
-        return self.cpu_precision or self.manifest.precision
+        """What the UNet, encoders and decoder compute in on this backend: the directory's precision, or the CPU
+        precision a backend chooses (OpenVINO: bf16, f32); an int8 directory's quantized layers run int8
+        kernels and its other ops (normalisation, attention, element-wise) that precision: "int8+bf16"."""
+        if self.cpu_precision is None:
+            return self.manifest.precision
+        return f"int8+{self.cpu_precision}" if self.manifest.precision == "int8" else self.cpu_precision
 
     def _session(self, name: str) -> Session:
         runtime = self.backend_description.runtime
@@ -481,5 +491,5 @@ def check_finite(graph: str, outputs: list[np.ndarray], names: Iterable[str], pr
             hint = ("an fp32 overflow or NaN weights: check the checkpoint the directory was built from"
                     if precision in ("fp32", "f32") else
                     f"an {precision} overflow?; try the fp32 engine directory (adaptbir-export build --precision "
-                    "fp32)" + (" or --cpu-precision f32" if precision == "bf16" else ""))
+                    "fp32)" + (" or --cpu-precision f32" if precision.endswith("bf16") else ""))
             raise EngineError(f"{graph} produced {bad} NaN/inf value(s) in '{name}' ({hint})")

@@ -130,11 +130,10 @@ def describe_manifest(m: Manifest) -> str:
 def _quantization_lines(q: dict[str, Any]) -> list[str]:
     """An int8 directory's proof: how it was calibrated and what its gate measured against fp32."""
     calibration, gate = q["calibration"], q["gate"]
-    worst, floors = gate["worst"], gate["floors"]
-    measured = ", ".join(f"{name} {worst[name]:.4g} ({'≤' if name == 'musiq_shift' else '≥'} {floors[key]:g})"
-                         for name, key in (("eps_psnr_db", "eps_psnr_db"), ("image_psnr_db", "image_psnr_db"),
-                                           ("image_ssim", "image_ssim"), ("musiq_shift", "musiq_shift")))
-    return ["", f"int8              scheme {q['scheme']} ({', '.join(q['quantized_ops'])} quantized), {q['tool']}",
+    measured = ", ".join(f"{c['measure']} {c['worst']:.4g} ({c['rule']})" for c in gate["checks"])
+    kept = sum(count for graph in q["float_ops"].values() for count in graph.get("nodes", {}).values())
+    return ["", f"int8              scheme {q['scheme']} ({', '.join(q['quantized_ops'])} quantized, {kept} of "
+            f"their nodes kept float), {q['tool']}",
             f"calibration       {calibration['photos']} photos + {calibration['held_out']} held out, "
             f"{calibration['steps']} steps, {calibration['source']}, sha256 {calibration['digest'][:16]}",
             f"int8 gate         passed vs fp32 on the held-out photos ({gate['steps']} steps): {measured}"]

@@ -19,3 +19,17 @@ def psnr_over_range(actual: np.ndarray, expected: np.ndarray) -> float | None:
     """PSNR over the expected output's range, or its magnitude for a single value (a score)."""
     expected = np.asarray(expected, np.float64)
     return psnr(actual, expected, max(float(np.ptp(expected)), float(np.abs(expected).max()), 1e-12))
+
+
+def output_errors(actual: list[np.ndarray], expected: list[np.ndarray]) -> tuple[float, float, float] | None:
+    """(max abs, max rel, worst PSNR over the range, inf when exact) over the outputs; None when a shape
+    differs or a value is not finite."""
+    max_abs, max_rel, worst = 0.0, 0.0, math.inf
+    for a, e in zip(actual, expected, strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        if a.shape != e.shape or not np.all(np.isfinite(a)):
+            return None
+        err = float(np.abs(a - e).max())
+        max_abs, max_rel = max(max_abs, err), max(max_rel, err / max(float(np.abs(e).max()), 1e-12))
+        worst = min(worst, psnr_over_range(a, e) or math.inf)
+    return max_abs, max_rel, worst
