@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from adaptbir.runtime.arguments import DefaultsHelp
 from adaptbir.runtime.backends import BACKENDS, CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
+from adaptbir.runtime.signals import StopSignals
 from adaptbir.runtime.sizes import describe_size, size_argument
 
 from .quantize import SCHEMES, Floors, Int8Options
@@ -168,11 +170,23 @@ def _check(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        return {"build": _build, "trt": _trt, "check": _check}[args.command](args) or 0
-    except AdaptBIRError as err:
-        print(f"adaptbir-export: error: {err}", file=sys.stderr)
-        return 2
+    # SIGTERM and SIGHUP stop a build as Ctrl-C does: every staging and temporary folder is removed on the way
+    # out (a stopped sd21 int8 build would otherwise leave its 5.4 GB fp32 folder) and the previous output stays.
+    with StopSignals() as stop:
+        try:
+            with stop.abandonable():
+                return {"build": _build, "trt": _trt, "check": _check}[args.command](args) or 0
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt):
+                stop.stopped(err)
+            if stop.signum:  # whatever a library turned the interrupt into on the way out (ImportError, ...)
+                print(f"adaptbir-export: stopped by {signal.Signals(stop.signum).name}; nothing was written, the "
+                      "previous output (if any) is as it was", file=sys.stderr)
+                return 128 + stop.signum
+            if isinstance(err, AdaptBIRError):
+                print(f"adaptbir-export: error: {err}", file=sys.stderr)
+                return 2
+            raise
 
 
 if __name__ == "__main__":

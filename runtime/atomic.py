@@ -201,6 +201,22 @@ def staged_directory(out: Path, is_replaceable: Callable[[Path], bool]) -> Itera
         raise
 
 
+@contextlib.contextmanager
+def scratch_directory(out: Path, label: str) -> Iterator[Path]:
+    """A hidden working folder beside `out` (`.NAME.building-LABEL-PID`), removed when the block ends however
+    it ends; one left by a killed process is removed by the next build of `out`, as its staging is."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
+    scratch = out.parent / f".{out.name}{STAGING_MARK}{label}-{os.getpid()}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def _remove_abandoned(out: Path) -> None:
     for sibling in out.parent.glob(f".{glob.escape(out.name)}{STAGING_MARK}*"):
         pid = sibling.name.rsplit("-", 1)[-1]

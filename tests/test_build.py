@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -154,6 +156,7 @@ def test_abandoned_staging_of_a_killed_build_is_removed(tmp_path):
     abandoned = tmp_path / f".engines.building-{dead.stdout.strip()}"
     abandoned.mkdir()
     (abandoned / "unet.onnx.data").write_bytes(b"x" * 100)
+    (tmp_path / f".engines.building-fp32-{dead.stdout.strip()}").mkdir()  # an int8 build's fp32 scratch
     live = tmp_path / f".engines.building-{os.getppid()}"  # a build still running elsewhere: left alone
     live.mkdir()
     with staged_directory(tmp_path / "engines", _is_engine_dir) as staging:
@@ -205,3 +208,28 @@ def test_predicted_phases_follow_the_build(tmp_path):
     with_text = predict_build_memory(config, "fp32", Capabilities(has_text_encoder=True))
     assert with_text.phases["loading the weights"] > weights + 1.2 * 1024**3  # the text tower, freed after
     assert with_text.phases["tracing unet"] == fp32.phases["tracing unet"]
+
+
+@pytest.mark.parametrize("signum,moment", [(signal.SIGTERM, r"\.out\.building-fp32-\d+"),
+                                           (signal.SIGHUP, r"\.out\.building-\d+")],
+                         ids=["SIGTERM-while-building-fp32", "SIGHUP-while-quantizing"])
+def test_a_stop_signal_leaves_no_folder_behind_and_the_previous_directory(micro_engines, photos, tmp_path, signum,
+                                                                          moment):
+    """A real int8 build signalled while its temporary fp32 folder, then its staging folder, exists: every
+    temporary folder is removed (SIGTERM and SIGHUP stop it as Ctrl-C does) and the previous directory stays."""
+    out, calibration = tmp_path / "out", photos(tmp_path / "photos", 3)
+    shutil.copytree(micro_engines, out)
+    before = _snapshot(out)
+    cmd = [sys.executable, "-m", "adaptbir.export.cli", "build", "--random-weights", "--config",
+           str(Path(__file__).with_name("micro_config.json")), "--precision", "int8", "--calibration", str(calibration),
+           "--calibration-steps", "2", "--gate-steps", "2", "--out", str(out)]
+    build = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not any(re.fullmatch(moment, p.name) for p in tmp_path.iterdir()):
+        assert build.poll() is None and time.monotonic() < deadline, "the build ended before it could be signalled"
+        time.sleep(0.05)
+    build.send_signal(signum)
+    _, err = build.communicate(timeout=300)
+    assert build.returncode == 128 + signum, err[-2000:]
+    assert f"adaptbir-export: stopped by {signal.Signals(signum).name}; nothing was written" in err
+    assert sorted(os.listdir(tmp_path)) == ["out", "photos"] and _snapshot(out) == before
