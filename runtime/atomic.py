@@ -188,11 +188,7 @@ def staged_directory(out: Path, is_replaceable: Callable[[Path], bool]) -> Itera
     out = Path(out).resolve()
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or is_replaceable(out))):
         raise FileExistsError(f"{out} exists and is not a directory this build may replace")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    staging = out.parent / f".{out.name}{STAGING_MARK}{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging = _fresh_sibling(out, "")
     try:
         yield staging
         _replace(staging, out)
@@ -205,16 +201,21 @@ def staged_directory(out: Path, is_replaceable: Callable[[Path], bool]) -> Itera
 def scratch_directory(out: Path, label: str) -> Iterator[Path]:
     """A hidden working folder beside `out` (`.NAME.building-LABEL-PID`), removed when the block ends however
     it ends; one left by a killed process is removed by the next build of `out`, as its staging is."""
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned(out)
-    scratch = out.parent / f".{out.name}{STAGING_MARK}{label}-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
+    scratch = _fresh_sibling(Path(out).resolve(), f"{label}-")
     try:
         yield scratch
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fresh_sibling(out: Path, label: str) -> Path:
+    """An empty hidden folder `.NAME.building-LABELPID` beside `out`, those of killed processes removed first."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(out)
+    folder = out.parent / f".{out.name}{STAGING_MARK}{label}{os.getpid()}"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    return folder
 
 
 def _remove_abandoned(out: Path) -> None:
