@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from .atomic import TEMPORARIES, close_temporaries, file_kind, open_regular, open_temporaries, temporaries_for
 from .backend import add_backend_arguments
 from .errors import AdaptBIRError, ArgumentError
+from .formats import identify_file
 from .image_io import READ_SUFFIXES
 from .options import RestoreOptions
 from .progress import BatchProgress, ImageProgress, say
@@ -76,12 +77,12 @@ class BatchSettings:
         return {"format": self.format, "quality": self.quality, "backend": self.backend,
                 "cpu_precision": self.cpu_precision}
 
-    def plan(self) -> tuple[list[Job], list[str]]:
+    def plan(self) -> Inputs:
         """Where every input lands (`plan_jobs`) and the report checked against them, before anything is
-        written; problems are inputs that do not exist."""
-        jobs, problems = plan_jobs(list(self.inputs), self.out, self.format, self.on_exists)
-        check_report(self.report, jobs)
-        return jobs, problems
+        written."""
+        inputs = plan_jobs(list(self.inputs), self.out, self.format, self.on_exists)
+        check_report(self.report, inputs.jobs)
+        return inputs
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,44 +109,77 @@ def add_restore_arguments(parser: argparse.ArgumentParser) -> None:
     RestoreOptions.add_arguments(parser)
 
 
-def restore_command(args: argparse.Namespace) -> tuple[BatchSettings, RestoreOptions, list[Job], list[str]]:
+def restore_command(args: argparse.Namespace) -> tuple[BatchSettings, RestoreOptions, Inputs]:
     """The command line as the batch's settings and options; every usage error (exit 2) before the engines
     load and before any image is touched; then where every input lands."""
     settings, options = BatchSettings.from_namespace(args), RestoreOptions.from_namespace(args)
-    return settings, options, *settings.plan()
+    return settings, options, settings.plan()
 
 
-def image_files(folder: Path) -> list[Path]:
-    """What a folder walk picks up, recursively, in a stable order: every entry with an image suffix that is
-    not a folder (a FIFO or device too, to be named as such rather than skipped in silence), never anything
-    in a batch's folder of temporaries."""
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in READ_SUFFIXES and not p.is_dir()
-                  and TEMPORARIES not in p.relative_to(folder).parts)
+@dataclass(frozen=True)
+class Inputs:
+    """What a batch's inputs hold, decided before any work."""
+
+    jobs: list[Job]
+    problems: list[str]  # named inputs that do not exist, outputs that would fall outside OUTDIR: failures
+    not_images: list[tuple[Path, str]]  # files the folder walks passed over, each with what it is instead
 
 
-def _walk(folder: Path, root: Path) -> list[Path]:
-    """`image_files(folder)`, never anything inside OUTDIR (`root`)."""
-    if folder.resolve().is_relative_to(root):  # OUTDIR itself included
+def walk(folder: Path, root: Path | None = None) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """A folder's images, recursively, in a stable order, and every other file in it with what it is instead
+    (`formats.identify`: "PDF document; export its pages as PNG first"). An image is a file with an image
+    suffix (a FIFO or device too: named as such when read, never skipped in silence) or a file whose first
+    bytes are a format the runtime reads; nothing in a batch's folder of temporaries or inside OUTDIR (`root`)
+    is looked at."""
+    if root is not None and folder.resolve().is_relative_to(root):  # OUTDIR itself included
         raise ArgumentError(f"{folder}: this input folder is the output folder or inside it; choose another -o")
-    return [p for p in image_files(folder) if not p.parent.resolve().is_relative_to(root)]
+    images, others = [], []
+    for path in sorted(folder.rglob("*")):
+        if TEMPORARIES in path.relative_to(folder).parts or path.is_dir() or (
+                root is not None and path.parent.resolve().is_relative_to(root)):
+            continue
+        kind = None if path.suffix.lower() in READ_SUFFIXES else identify_file(path)
+        if kind is None and path.suffix.lower() not in READ_SUFFIXES:
+            others.append((path, "not an image (unrecognised content)"))
+        elif kind is None or kind.readable:
+            images.append(path)
+        else:
+            others.append((path, kind.describe()))
+    return images, others
 
 
-def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> tuple[list[Job], list[str]]:
-    """Every input and where it lands, decided before any work; problems are inputs that do not exist.
+def find_inputs(inputs: list[Path], root: Path | None = None
+                ) -> tuple[list[tuple[Path, Path]], list[Path], list[tuple[Path, str]]]:
+    """(source, its path relative to OUTDIR) of every input image, the named inputs that do not exist, and what
+    the folder walks passed over (`walk`). No image at all is a usage error that says what was found."""
+    found, missing, others = [], [], []
+    for item in inputs:
+        if item.is_dir():
+            images, skipped = walk(item, root)
+            found += [(p, p.relative_to(item)) for p in images]
+            others += skipped
+        elif item.exists():  # a FIFO or device too: refused by name when read, never opened
+            found.append((item, Path(item.name)))
+        else:
+            missing.append(item)
+    if not found:
+        seen = [f"{path}: no such file or directory" for path in missing] + [
+            f"{path}: {why}" for path, why in others[:5]] + (
+            [f"... and {len(others) - 5} more files"] if len(others) > 5 else [])
+        raise ArgumentError("no input image" + (f": {'; '.join(seen)}" if seen else " (the folders are empty)"))
+    return found, missing, others
+
+
+def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> Inputs:
+    """Every input and where it lands, decided before any work (`find_inputs`).
 
     Files land under OUTDIR by name, folders keep their relative layout; the suffix becomes the output
     format's. Two inputs that would land on one output are refused (naming them); an output that would be
     an input gets the first free `NAME-N` instead; an existing output follows `policy` (skip, overwrite,
     or suffix: the first free `NAME-N`)."""
     root = out.resolve()
-    found, problems = [], []
-    for item in inputs:
-        if item.is_dir():
-            found += [(p, p.relative_to(item)) for p in _walk(item, root)]
-        elif item.exists():  # a FIFO or device too: refused by name when read, never opened
-            found.append((item, Path(item.name)))
-        else:
-            problems.append(f"{item}: no such file or directory")
+    found, missing, not_images = find_inputs(inputs, root)
+    problems = [f"{path}: no such file or directory" for path in missing]
     by_target: dict[Path, list[Path]] = {}
     for source, relative in found:
         by_target.setdefault((root / relative).with_suffix(FORMATS[fmt]), []).append(source)
@@ -167,7 +201,7 @@ def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> tuple[lis
             resolved = _free_name(resolved, sources | taken | set(by_target), must_not_exist=policy == "suffix")
         taken.add(resolved)
         jobs.append(Job(source, resolved, skip=policy == "skip" and resolved.exists()))
-    return jobs, problems
+    return Inputs(jobs, problems, not_images)
 
 
 def _free_name(target: Path, taken: set[Path], must_not_exist: bool) -> Path:
@@ -275,20 +309,20 @@ class _Tally:
     skipped: int = 0
 
 
-def restore_batch(settings: BatchSettings, options: RestoreOptions, jobs: list[Job], problems: list[str]) -> int:
+def restore_batch(settings: BatchSettings, options: RestoreOptions, inputs: Inputs) -> int:
     """Restore the planned jobs (`adaptbir restore`); the exit status: 0 all restored, 1 some failed, 2 a
     write place or the engines unusable (ArgumentError/EngineError raised before any image), 128 + the signal
     when stopped."""
-    tally = _Tally(list(problems))
+    tally = _Tally(list(inputs.problems))
     with StopSignals() as stop:  # from before the first write to the last line printed
-        with prepared_outputs(settings.out, settings.report, jobs) as jobs:
+        with prepared_outputs(settings.out, settings.report, inputs.jobs) as jobs:
             loaded = _load(settings, options, stop)
             shown = BatchProgress(len(jobs), quiet=settings.quiet)
             for job in jobs:
                 if stop.signum or not _run_job(job, *loaded, settings, stop, shown, tally):
                     break
             shown.close()
-        return finish_batch(tally.done, tally.skipped, tally.failures, len(jobs) + len(problems), settings.out,
+        return finish_batch(tally.done, tally.skipped, tally.failures, inputs, settings.out,
                             stop.signum is not None, stop.signum or signal.SIGINT)
 
 
@@ -355,16 +389,33 @@ def _restore_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSet
     return record
 
 
-def finish_batch(done: int, skipped: int, failures: list[str], total: int, out: Path, interrupted: bool,
+def finish_batch(done: int, skipped: int, failures: list[str], inputs: Inputs, out: Path, interrupted: bool,
                  signum: int = signal.SIGINT) -> int:
     """The batch's summary on stderr, and its exit status: 0 all restored, 1 some failed, 128 + `signum`
-    interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP)."""
+    interrupted (130 SIGINT, 143 SIGTERM, 129 SIGHUP). Files the folder walks passed over are counted and
+    named, grouped by what they are; they do not fail the batch."""
     verb = "interrupted after" if interrupted else "restored"
     why = f" ({signal.Signals(signum).name})" if interrupted else ""
-    say(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s) -> {out}{why}")
+    total = len(inputs.jobs) + len(inputs.problems)
+    others = f", {_count(len(inputs.not_images), 'file')} not an image" if inputs.not_images else ""
+    say(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s){others} -> {out}{why}")
+    for what, paths in _grouped(inputs.not_images).items():
+        names = ", ".join(p.name for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+        say(f"  not an image: {names} ({what})")
     for failure in failures:
         say(f"  failed: {failure}")
     return 128 + signum if interrupted else 1 if failures else 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _grouped(items: list[tuple[Path, str]]) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = {}
+    for path, what in items:
+        groups.setdefault(what, []).append(path)
+    return groups
 
 
 def without_path(err: Exception, source: Path) -> str:

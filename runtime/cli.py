@@ -21,7 +21,7 @@ from . import __version__
 from .arguments import DefaultsHelp
 from .backend import add_backend_arguments
 from .backends import backend_status
-from .batch import add_restore_arguments, image_files, restore_batch, restore_command, without_path
+from .batch import add_restore_arguments, find_inputs, restore_batch, restore_command, without_path
 from .errors import AdaptBIRError
 from .manifest import Manifest
 from .options import RestoreOptions
@@ -62,9 +62,9 @@ def _plan(args) -> int:
     options = RestoreOptions.from_namespace(args)
     manifest = load_manifest(args.engines, verify=False)
     precision = cpu_precision(args.backend, args.cpu_precision)  # refused where restore would refuse it
-    paths = [p for item in args.inputs for p in (image_files(item) if item.is_dir() else [item])]
+    found, missing, not_images = find_inputs(args.inputs)  # a missing named file: its own error record below
     failed = 0
-    for path in paths:
+    for path in [source for source, _ in found] + missing:
         try:
             plan = plan_image(manifest, image_size(path), options, backend=args.backend, precision=precision)
             _plan_line(args.json, {"input": str(path), **plan.record()}, f"{path}: {plan.summary()}")
@@ -72,6 +72,8 @@ def _plan(args) -> int:
             failed += 1
             message = without_path(err, path)
             _plan_line(args.json, {"input": str(path), "error": message}, f"{path}: error: {message}")
+    for path, what in not_images:
+        _plan_line(args.json, {"input": str(path), "not_an_image": what}, f"{path}: not an image: {what}")
     return 1 if failed else 0
 
 

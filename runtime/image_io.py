@@ -35,6 +35,7 @@ from PIL import Image, ImageOps
 
 from .atomic import SpecialFileError, atomic_write, open_regular
 from .errors import InputError
+from .formats import HEAD_BYTES, identify
 
 ORIENTATION = 0x0112
 
@@ -144,8 +145,14 @@ def read_image(path: str | Path) -> LoadedImage:
 
 
 def _open(fh: BinaryIO, name: str) -> Image.Image:
-    """Image.open with the decompression-bomb limit enforced from MAX_IMAGE_PIXELS itself."""
+    """Image.open with the decompression-bomb limit enforced from MAX_IMAGE_PIXELS itself, after the first
+    bytes said what the file is (`formats.identify`): a PDF, HEIC, camera raw, ... is named, with what to do,
+    and never handed to Pillow (which would read a raw's small embedded preview as the photo)."""
     limit = Image.MAX_IMAGE_PIXELS
+    kind = identify(fh.read(HEAD_BYTES), Path(name).suffix.lower())
+    fh.seek(0)
+    if kind is not None and not kind.readable:
+        raise InputError(f"{name}: {kind.name}, not a format the runtime reads; {kind.advice}")
     try:
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -153,9 +160,9 @@ def _open(fh: BinaryIO, name: str) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise InputError(_bomb_message(name, None, limit, str(err))) from None
     except Image.UnidentifiedImageError:
-        raise InputError(
-            f"{name}: not a recognised image file (or its header is damaged); "
-            f"expected one of {', '.join(READ_FORMATS)}") from None
+        what = (f"{kind.name} whose header is damaged; re-export or re-download the file" if kind is not None else
+                f"not an image file (unrecognised content); expected one of {', '.join(READ_FORMATS)}")
+        raise InputError(f"{name}: {what}") from None
     except Exception as err:
         raise InputError(
             f"{name}: the image header is truncated or corrupt ({type(err).__name__}: {err}); "

@@ -39,6 +39,7 @@ from typing import Any
 
 from adaptbir.runtime.batch import (
     BatchSettings,
+    Inputs,
     Job,
     append_records,
     append_report,
@@ -202,8 +203,8 @@ class Restorer:
         return {"record": json.dumps(record)}
 
 
-def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options: RestoreOptions, jobs: list[Job],
-                   problems: list[str]) -> int:
+def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options: RestoreOptions,
+                   inputs: Inputs) -> int:
     """Run the planned jobs on the cluster of `cluster.address` (None: a local one); the exit status of
     `adaptbir restore` (0 all restored, 1 some failed, 128 + the signal when SIGINT, SIGTERM or SIGHUP
     stopped it: what was written stays whole). Every place the job writes is tried first (exit 2)."""
@@ -212,9 +213,9 @@ def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options
     manifest = load_manifest(settings.engines)  # every file hashed once, here: a bad directory stops the job
     options = options.for_schedule(manifest.schedule.default_steps, manifest.max_steps)
     salt = options_salt(options, settings, manifest.identity)
-    with StopSignals() as stop, prepared_outputs(settings.out, settings.report, jobs) as jobs:
+    with StopSignals() as stop, prepared_outputs(settings.out, settings.report, inputs.jobs) as jobs:
         items, skipped = _dispatch(settings, options, jobs, salt)
-        failures, done = list(problems), 0
+        failures, done = list(inputs.problems), 0
         shown = BatchProgress(len(items), quiet=settings.quiet)
         job = _Job(cluster, settings, options, manifest)
         records = _run(job, items, salt, shown, stop) if items else iter(())
@@ -227,7 +228,7 @@ def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options
                 shown.write(f"adaptbir-ray: {failures[-1]}")
             shown.finished(Path(record["input"]).name, record["status"], record["wall_s"])
         shown.close()
-        return finish_batch(done, skipped, failures, len(jobs) + len(problems), settings.out,
+        return finish_batch(done, skipped, failures, inputs, settings.out,
                             stop.signum is not None, stop.signum or signal.SIGINT)
 
 

@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ArgumentError(f"--num-gpus-per-actor must be ≥ 0, not {args.num_gpus_per_actor}")
         if args.report is None:  # the report is what a re-run resumes from
             args.report = args.out / "report.jsonl"
-        settings, options, jobs, problems = restore_command(args)
+        settings, options, inputs = restore_command(args)
         from .batch import restore_on_ray
 
-        return restore_on_ray(args, settings, options, jobs, problems)
+        return restore_on_ray(args, settings, options, inputs)
     except AdaptBIRError as err:
         say(f"adaptbir-ray: error: {err}")
         return 2

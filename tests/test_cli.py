@@ -67,7 +67,7 @@ def _bad_inputs(folder: Path) -> dict[str, str | tuple[int, int]]:
     Image.fromarray(good).save(folder / "rotated.jpg", exif=exif.tobytes())
     Image.new("1", (20000, 20000)).save(folder / "bomb.png")  # 400 Mpx: beyond Pillow's bomb limit
     return {"ok.png": (48, 32), "truncated.png": "truncated", "empty.png": "empty",
-            "notes.png": "not a recognised image file",
+            "notes.png": "not an image file (unrecognised content)",
             "one.png": (1, 1), "strip.png": "above the 64 Mpx limit", "deep16.png": (48, 32), "cmyk.jpg": (48, 32),
             "rgba.png": (48, 32), "rotated.jpg": (32, 48), "bomb.png": "decompression"}
 
