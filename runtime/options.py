@@ -13,9 +13,13 @@ step callbacks) are not options and stay keyword arguments of `Pipeline.restore`
 from __future__ import annotations
 
 import argparse
+import hashlib
+import secrets
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 from urllib.parse import parse_qsl
+
+import numpy as np
 
 from .arguments import bytes_argument, check_arguments, check_memory_budget
 from .colorfix import METHODS as COLOR_FIXES
@@ -23,18 +27,54 @@ from .errors import ArgumentError
 
 # The fields a service client may set in a query. The memory budget is the server's to decide; the rest
 # (pre-scale, tiling, colour fix) change the work a request costs beyond what the service limits check.
-QUERY_FIELDS = {"seed": int, "steps": int, "score": float, "k": float, "w": float}
+RANDOM = "random"  # the seed that asks for a fresh draw per image
+
+
+def seed_value(text: str) -> int | str:
+    """A seed as typed: an integer, or "random"."""
+    if text.strip().lower() == RANDOM:
+        return RANDOM
+    try:
+        return int(text)
+    except ValueError:
+        raise ArgumentError(f"seed {text[:40]!r}: an integer from 0 to 2**63 - 1, or {RANDOM}") from None
+
+
+def seed_for(seed: int | str | None, pixels: np.ndarray) -> int:
+    """The seed an image is restored with: the one given; a fresh draw for "random"; otherwise one derived from
+    the image's pixels (sha256 of their shape and bytes), so the same image with the same options gives the
+    same output on every run and every engine of this project (CLI, Ray, service), without --seed. The seed
+    follows the pixels only, not the options: a sweep of w or k on one photo keeps its noise."""
+    if isinstance(seed, int):
+        return seed
+    if seed == RANDOM:
+        return secrets.randbits(63)
+    pixels = np.ascontiguousarray(pixels)
+    digest = hashlib.sha256(f"adaptbir seed 1 {pixels.dtype} {pixels.shape}".encode() + pixels.tobytes()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def seed_argument(text: str) -> int | str:
+    """`--seed`: `seed_value`, an argparse type (its error is the usage line)."""
+    try:
+        return seed_value(text)
+    except ArgumentError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+QUERY_FIELDS = {"seed": seed_value, "steps": int, "score": float, "k": float, "w": float}
 
 
 @dataclass(frozen=True)
 class RestoreOptions:
-    """How one image is restored. None means "not given": the schedule's default steps, a drawn seed, the
+    """How one image is restored. None means "not given": the schedule's default steps, a seed derived from
+    the image's pixels (`seed_for`; "random" draws one), the
     measured score, the gate's k and w, tiling decided by the memory budget (the pipeline's by default).
     Every value is checked when the options are made (`ArgumentError` in one line); `memory_budget` may be
     given as a size such as "12G" and is held in bytes."""
 
     steps: int | None = None
-    seed: int | None = None
+    seed: int | str | None = None  # "random": a fresh draw per image
     score: float | None = None
     k: float | None = None
     w: float | None = None
@@ -45,7 +85,10 @@ class RestoreOptions:
     memory_budget: int | None = None  # bytes
 
     def __post_init__(self) -> None:
-        check_arguments(steps=self.steps, seed=self.seed, score=self.score, k=self.k, w=self.w,
+        if isinstance(self.seed, str) and self.seed != RANDOM:
+            raise ArgumentError(f"seed {self.seed[:40]!r}: an integer from 0 to 2**63 - 1, or {RANDOM}")
+        check_arguments(steps=self.steps, seed=None if self.seed == RANDOM else self.seed, score=self.score, k=self.k,
+                        w=self.w,
                         sr_scale=self.sr_scale, color_fix=self.color_fix, tile_size=self.tile_size,
                         resize_back=self.resize_back)
         object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
@@ -94,6 +137,8 @@ class RestoreOptions:
                 given[name] = QUERY_FIELDS[name](value)
             except ValueError:
                 raise ArgumentError(f"{name}={value[:40]!r} is not a {QUERY_FIELDS[name].__name__}") from None
+            except ArgumentError as err:
+                raise ArgumentError(f"{name}={value[:40]!r}: {str(err).split(': ', 1)[-1]}") from None
         return cls(**given)
 
     @staticmethod
@@ -111,7 +156,8 @@ class RestoreOptions:
             return
         parser.add_argument("--steps", type=int, help="sampling steps (default: the engine directory's schedule "
                             "default, 50 for SD; 2 up to its timesteps)")
-        parser.add_argument("--seed", type=int, help="seed of every image (default: a fresh seed each, recorded)")
+        parser.add_argument("--seed", type=seed_argument, help="seed of every image, or 'random' for a fresh draw each "
+                            "(default: derived from each image's pixels, so a re-run gives the same output; recorded)")
         parser.add_argument("--k", type=float, help="override the latent interpolation weight k (0..1)")
         parser.add_argument("--w", type=float, help="override the CSFT strength w (0..100; the gate gives 0..1)")
         parser.add_argument("--color-fix", default="none", choices=COLOR_FIXES,

@@ -6,14 +6,14 @@
     result.image, result.score, result.label, result.k, result.w, result.timings
 
 Here live what an image is to a caller — input kinds, alpha, ICC and EXIF carried over, the SR pre-scale,
-padding and resizing back, seeds drawn when not given, the options (`runtime/options.py`) put on this
-directory's schedule, and the `Result`. One pipeline may be used from several threads at once: it holds no
-per-call state, and the same seeds give the same results as sequential calls.
+padding and resizing back, seeds derived from the image's pixels when not given, the options
+(`runtime/options.py`) put on this directory's schedule, and the `Result`. One pipeline may be used from
+several threads at once: it holds no per-call state, and the same seeds give the same results as
+sequential calls.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +28,7 @@ from .backends import Engines
 from .errors import ArgumentError
 from .gating import Gate
 from .image_io import LoadedImage, from_array, resize_alpha, to_array
-from .options import RestoreOptions
+from .options import RANDOM, RestoreOptions, seed_for
 from .plan import RestorePlan
 from .preprocess import Geometry, finish, from_model_range, prepare, to_model_range
 from .sampler import SamplerStep, StepCallback
@@ -124,9 +124,8 @@ class Pipeline:
         options = self.options(options, **changes)
         check_arguments(progress=progress, on_stage=on_stage, on_step=on_step)
         timings = Timings()
-        seed = options.seed
-        if seed is None and (x_T is None or noise is None):
-            seed = secrets.randbits(63)
+        given = x_T is not None and noise is not None  # the draws themselves: no seed is needed
+        seed = options.seed if given and options.seed != RANDOM else seed_for(options.seed, x)
         score = options.score
         if score is None:
             with timings.stage("musiq"):
@@ -156,7 +155,7 @@ class Pipeline:
         loaded = image if isinstance(image, LoadedImage) else from_array(image)
         if 0 in loaded.rgb.shape[:2]:
             raise ArgumentError(f"the image is empty ({loaded.rgb.shape[1]}×{loaded.rgb.shape[0]} pixels, W×H)")
-        seed = secrets.randbits(63) if options.seed is None else options.seed
+        seed = seed_for(options.seed, loaded.rgb)
         with timings.stage("preprocess"):
             plan = self.stages.plan(loaded.rgb.shape[:2], options)  # before any engine
             geometry = plan.geometry

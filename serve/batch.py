@@ -11,8 +11,8 @@ read by the read tasks, not by the driver (it hashes only the images a re-run ma
 
 Every output is bit-identical to `adaptbir restore` with the same options, `--threads` included (ONNX
 Runtime's last bits follow its thread count; here `--threads` is each actor's): with `--seed S` every image
-gets S (as there); without, each image gets a seed derived from its output's path inside OUTDIR (recorded),
-so no result depends on which actor ran it, or on a retry. (Tiling follows the memory budget: each actor
+gets S; without, each image's seed is derived from its pixels, as there (`options.seed_for`, recorded), so no
+result depends on which actor ran it, or on a retry. (Tiling follows the memory budget: each actor
 plans within its claimed share of its node's memory unless `--memory-budget` is given, so an image large
 enough to tile under one budget and not the other differs; give the same budget to both commands.)
 Re-running skips every image whose output exists and whose report record (same input bytes, options and
@@ -119,11 +119,6 @@ def smallest_restore_bytes(manifest: Manifest, settings: BatchSettings, options:
     return plan.peak_bytes
 
 
-def image_seed(relative: str) -> int:
-    """A 63-bit seed from an output's path inside OUTDIR: the same on every node and every retry."""
-    return int.from_bytes(hashlib.sha256(relative.encode()).digest()[:8], "big") >> 1
-
-
 def options_salt(options: RestoreOptions, settings: BatchSettings, engine_id: str) -> bytes:
     """What, besides the input's bytes, decides an output: the options, the output settings, the engines
     (--report, --quiet, --threads... do not)."""
@@ -191,8 +186,7 @@ class Restorer:
             record.update(status="failed", error=row["error"])
         else:
             try:
-                options = replace(self.options, seed=row["seed"])
-                result = restore_loaded(self.pipeline, pickle.loads(row["image"]), options)
+                result = restore_loaded(self.pipeline, pickle.loads(row["image"]), self.options)
                 job = Job(Path(row["source"]), Path(row["target"]),
                           temporary_dir=Path(row["temporaries"]) if row["temporaries"] else None)
                 write_output(job, result.image, self.settings)
@@ -248,7 +242,7 @@ def _dispatch(settings: BatchSettings, options: RestoreOptions, jobs: list[Job],
     """The images to restore (and how many are skipped), each recorded in the report before any actor may
     write it: whatever happens to the driver from here on, an output without a later ok record is known to
     be unfinished."""
-    last, root = _last_records(settings.report), settings.out.resolve()
+    last = _last_records(settings.report)
     # Only an image whose output exists and was recorded ok can be skipped: only those are hashed here (in
     # threads: it is file I/O); every other image's key is computed by the read task that loads it.
     candidates = [job for job in jobs if last.get(str(job.target), {}).get("status") == "ok" and job.target.is_file()]
@@ -265,8 +259,7 @@ def _dispatch(settings: BatchSettings, options: RestoreOptions, jobs: list[Job],
             records.append({"input": str(job.source), "key": keys.get(job, ""), "status": "skipped",
                             "reason": reason, "output": str(job.target)})
             continue
-        seed = options.seed if options.seed is not None else image_seed(job.target.relative_to(root).as_posix())
-        items.append({"source": str(job.source), "target": str(job.target), "seed": seed, "key": keys.get(job, ""),
+        items.append({"source": str(job.source), "target": str(job.target), "key": keys.get(job, ""),
                       "temporaries": str(job.temporary_dir or "")})
         records.append({"input": str(job.source), "status": "dispatched", "output": str(job.target)})
     append_records(settings.report, records)

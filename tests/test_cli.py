@@ -132,6 +132,25 @@ def test_on_exists_policies_and_inputs_never_overwritten(micro_engines, tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["a-1.png", "a.png"]
 
 
+def test_a_rerun_without_a_seed_gives_the_same_output(micro_engines, tmp_path):
+    """No --seed: each image's seed is derived from its pixels (recorded), so the same command gives the same
+    bytes; --seed random draws a fresh one."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(_photo(40, 56, seed=i)).save(folder / f"p{i}.png")
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("random", ["--seed", "random"])):
+        report = tmp_path / f"{name}.jsonl"
+        assert main(["restore", str(folder), "-o", str(tmp_path / name), "--engines", str(micro_engines), "--score",
+                     "50", "--report", str(report), *STEPS, *extra]) == 0
+        runs[name] = ({p.name: p.read_bytes() for p in (tmp_path / name).glob("*.png")},
+                      {Path(r["input"]).name: r["seed"] for r in _records(report)})
+    assert runs["a"] == runs["b"] and len(set(runs["a"][1].values())) == 2  # one seed per image, both runs alike
+    assert all(runs["random"][1][n] != runs["a"][1][n] for n in runs["a"][1])
+    assert all(runs["random"][0][n] != runs["a"][0][n] for n in runs["a"][0])
+
+
 def test_formats_and_options(micro_engines, tmp_path):
     Image.fromarray(_photo(64, 64)).save(tmp_path / "a.png")
     out = tmp_path / "out"
