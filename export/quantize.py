@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from adaptbir.runtime.atomic import staged_directory
+from adaptbir.runtime.backends import release_freed_memory
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GRAPHS
 from adaptbir.runtime.image_io import read_image
@@ -115,15 +116,16 @@ def _cropped(rgb: np.ndarray) -> np.ndarray:
 
 
 def calibration_photos(folder: Path | None) -> Calibration:
-    """The user's degraded photos (every image in `folder`, recursively), or the default set."""
+    """The user's degraded photos (every image in `folder`, recursively, as a batch walks it: other files are
+    passed over), or the default set."""
     if folder is None:
         return default_calibration()
-    from adaptbir.runtime.batch import image_files
+    from adaptbir.runtime.batch import walk
 
     if not folder.is_dir():
         raise QuantizationError(f"--calibration {folder}: not a folder of photos")
     photos = []
-    for path in image_files(folder):
+    for path in walk(folder)[0]:
         try:
             photos.append((path.relative_to(folder).as_posix(), _cropped(read_image(path).rgb)))
         except AdaptBIRError as err:
@@ -234,7 +236,21 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
                    ) -> dict[str, Any]:
     """`source` → a QDQ int8 graph at `target` (its weights in `target`.data when the source had external
     data); returns what stayed float: the op types never quantized and the `scheme.ops` nodes kept float (count
-    by op type, and names)."""
+    by op type, and names). ONNX Runtime's quantizer holds several copies of the model at once (the graph, its
+    augmented copy, a calibration session, the quantized graph): it runs in a child process, whose memory goes
+    back to the system when it ends."""
+    import onnx
+
+    in_child_process(_quantize_static, source, target, feeds, scheme)
+    graph = onnx.load(str(source), load_external_data=False).graph
+    kept = scheme.float_nodes(graph)
+    ops = {n.name: n.op_type for n in graph.node}
+    written = onnx.load(str(target), load_external_data=False).graph
+    never = {n.op_type for n in written.node} - set(scheme.ops) - {"QuantizeLinear", "DequantizeLinear"}
+    return {"ops": sorted(never), "nodes": dict(Counter(ops[name] for name in kept)), "names": sorted(kept)}
+
+
+def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], scheme: Scheme) -> None:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -252,9 +268,7 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
             return next(self.feeds, None)
 
     external = any(source.parent.glob(f"{source.name}.data")) or source.stat().st_size > 2**30
-    graph = onnx.load(str(source), load_external_data=False).graph
-    kept = scheme.float_nodes(graph)
-    quiet = logging.getLogger().level
+    kept = scheme.float_nodes(onnx.load(str(source), load_external_data=False).graph)
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: the graphs are already optimised
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=target.parent) as scratch:
         written = Path(scratch) / target.name
@@ -263,11 +277,39 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
                         op_types_to_quantize=list(scheme.ops), nodes_to_exclude=kept,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
         model = onnx.load(str(written))  # external data read back in: saved again under the directory's names
-    logging.getLogger().setLevel(quiet)
     _save(model, target, external)
-    ops = {n.name: n.op_type for n in graph.node}
-    never = {n.op_type for n in model.graph.node} - set(scheme.ops) - {"QuantizeLinear", "DequantizeLinear"}
-    return {"ops": sorted(never), "nodes": dict(Counter(ops[name] for name in kept)), "names": sorted(kept)}
+
+
+def in_child_process(function: Callable[..., None], *args: Any) -> None:
+    """`function(*args)` in a fresh (spawned) Python process; its exception comes back as a QuantizationError
+    with its message. However the call ends — a stop signal in this process included — the child is ended."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child_main, args=(send, function, args), daemon=True)
+    child.start()
+    send.close()
+    try:
+        child.join()
+        failure = receive.recv() if receive.poll() else f"the process ended with status {child.exitcode}"
+    finally:
+        if child.is_alive():
+            child.terminate()
+            child.join()
+        receive.close()
+    if failure:
+        raise QuantizationError(f"{getattr(function, '__name__', 'the call')} failed: {failure}")
+
+
+def _child_main(send, function: Callable[..., None], args: tuple) -> None:
+    try:
+        function(*args)
+        send.send("")
+    except BaseException as err:  # the parent says what failed, in one line
+        send.send(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    finally:
+        send.close()
 
 
 def _save(model, target: Path, external: bool) -> None:
@@ -401,12 +443,16 @@ def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress
     fp32 = Pipeline.from_engines(fp32_dir, threads=options.threads)
     progress(f"calibrating on {len(calibrate)} photos ({calibration.source}), {len(held_out)} held out")
     feeds = _checked_feeds(record_feeds(fp32, calibrate, options.calibration_steps, options.seed, progress))
+    manifest = fp32.manifest
+    del fp32  # its sessions are not held while the quantizer runs (the build's peak, export/memory.py)
+    release_freed_memory()
     from .build import is_engine_directory
 
     with staged_directory(out, is_engine_directory) as staging:
-        entries, float_ops = _quantized_graphs(fp32.manifest, staging, feeds, options.scheme,
-                                               calibration.digest, progress)
-        provisional = _int8_manifest(fp32.manifest, out.name, staging, entries, {}).write(staging)
+        entries, float_ops = _quantized_graphs(manifest, staging, feeds, options.scheme, calibration.digest,
+                                               progress)
+        provisional = _int8_manifest(manifest, out.name, staging, entries, {}).write(staging)
+        fp32 = Pipeline.from_engines(fp32_dir, threads=options.threads)
         int8 = Pipeline.from_engines(staging, threads=options.threads)
         gate = run_gate(fp32, int8, held_out, options.gate_steps, options.seed, options.floors, progress)
         progress("int8 gate:\n" + gate.table())
