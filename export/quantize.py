@@ -52,7 +52,7 @@ class Scheme:
 
     def float_nodes(self, graph) -> list[str]:
         """The nodes of `ops` this scheme keeps float: activation × activation MatMuls unless `attention`."""
-        if self.attention:
+        if self.attention or "MatMul" not in self.ops:
             return []
         constant = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
                                                           for o in n.output}
@@ -422,7 +422,9 @@ def graph_parity(fp32, int8, name: str, feeds: list[dict[str, np.ndarray]], floo
 @dataclass(frozen=True)
 class Int8Options:
     calibration: Path | None = None
-    scheme: str = "hybrid"  # full: measured 8x slower on OpenVINO (tiny UNet step), 2x on ONNX Runtime
+    # conv, by measurement (tiny UNet step over fp32, same run; benchmarks/README.md, "int8 quantizers"): conv
+    # 0.84x on ort-cpu, 1.07x on OpenVINO bf16; hybrid 1.47x and 1.20x; full 2.0x and 8.3x. To re-check on sd21.
+    scheme: str = "conv"
     calibration_steps: int = 10
     gate_steps: int = 10
     floors: Floors = Floors()

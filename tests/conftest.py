@@ -110,7 +110,8 @@ def int8_engines(tmp_path_factory) -> Path:
     def build(out: Path) -> None:
         calibration = write_photos(out.parent / "int8-calibration")
         _export("--random-weights", "--config", str(Path(__file__).with_name("micro_config.json")), "--precision",
-                "int8", "--calibration", str(calibration), "--calibration-steps", "3", "--gate-steps", "3",
+                "int8", "--int8-scheme", "hybrid", "--calibration", str(calibration), "--calibration-steps", "3",
+                "--gate-steps", "3",
                 *INT8_FLOORS)(out)
 
     return shared_directory(tmp_path_factory, "micro-int8", build)

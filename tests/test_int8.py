@@ -28,6 +28,17 @@ from adaptbir.runtime.metrics import psnr
 from adaptbir.runtime.pipeline import Pipeline
 
 
+def test_the_default_scheme_is_conv_and_only_matmul_schemes_keep_nodes_float():
+    """conv is the default by measurement (tiny UNet, benchmarks/README.md); the test build runs hybrid, the
+    scheme with the most machinery (attention MatMuls kept float by name)."""
+    from adaptbir.export.cli import _parser
+    from adaptbir.export.quantize import SCHEMES
+
+    args = _parser().parse_args(["build", "--random-weights", "--precision", "int8", "--out", "x"])
+    assert args.int8_scheme == Int8Options.scheme == "conv"
+    assert SCHEMES["conv"].float_nodes(None) == [] and SCHEMES["full"].float_nodes(None) == []
+
+
 def test_an_int8_build_records_its_calibration_and_gate(int8_engines):
     manifest = load_manifest(int8_engines)  # every file listed and hashed: the closed-directory checks pass
     q = manifest.quantization
