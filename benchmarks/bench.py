@@ -284,9 +284,8 @@ def run(args) -> dict[str, Any]:
         measured = {side: peak_rss(e.manifest.directory, args.size, args.steps, args.threads, e.backend,
                                    e.cpu_precision) for side, e in others.items()}
         if measured:
-            report["memory_baseline"] = next(iter(measured.values()))
-        if len(measured) > 1:
             report["memory_sides"] = measured
+            report["memory_baseline"] = next(iter(measured.values()))  # the first other side, as before --also
         if "peak_rss_mib" in report["memory"] and report.get("fp32_weight_bytes"):
             report["memory"]["rss_over_fp32_weights"] = report["memory"]["peak_rss_mib"] * 2**20 / report[
                 "fp32_weight_bytes"]

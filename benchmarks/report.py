@@ -59,8 +59,7 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"runtime peak RSS (torch-free process, one e2e): {mem['peak_rss_mib']:.0f} MiB"
                      + (f" = {mem['rss_over_fp32_weights']:.2f} x fp32 weights" if "rss_over_fp32_weights" in mem
                         else ""))
-    for side, base in report.get("memory_sides", {others[0]: report["memory_baseline"]} if "memory_baseline" in report
-                                 else {}).items():
+    for side, base in report.get("memory_sides", {}).items():
         if "peak_rss_mib" in base:
             lines.append(f"peak RSS of the same restore on {side}: {base['peak_rss_mib']:.0f} MiB")
     lines.append("engine files: " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in report["engine_bytes"].items()))

@@ -241,16 +241,17 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
     back to the system when it ends."""
     import onnx
 
-    in_child_process(_quantize_static, source, target, feeds, scheme)
     graph = onnx.load(str(source), load_external_data=False).graph
     kept = scheme.float_nodes(graph)
+    in_child_process(_quantize_static, source, target, feeds, scheme.ops, kept)
     ops = {n.name: n.op_type for n in graph.node}
     written = onnx.load(str(target), load_external_data=False).graph
     never = {n.op_type for n in written.node} - set(scheme.ops) - {"QuantizeLinear", "DequantizeLinear"}
     return {"ops": sorted(never), "nodes": dict(Counter(ops[name] for name in kept)), "names": sorted(kept)}
 
 
-def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], scheme: Scheme) -> None:
+def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], ops: tuple[str, ...],
+                     kept: list[str]) -> None:
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -268,13 +269,12 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarra
             return next(self.feeds, None)
 
     external = any(source.parent.glob(f"{source.name}.data")) or source.stat().st_size > 2**30
-    kept = scheme.float_nodes(onnx.load(str(source), load_external_data=False).graph)
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: the graphs are already optimised
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=target.parent) as scratch:
         written = Path(scratch) / target.name
         quantize_static(str(source), str(written), Reader(), quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
-                        op_types_to_quantize=list(scheme.ops), nodes_to_exclude=kept,
+                        op_types_to_quantize=list(ops), nodes_to_exclude=kept,
                         calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
         model = onnx.load(str(written))  # external data read back in: saved again under the directory's names
     _save(model, target, external)

@@ -139,12 +139,10 @@ def walk(folder: Path, root: Path | None = None) -> tuple[list[Path], list[tuple
                 root is not None and path.parent.resolve().is_relative_to(root)):
             continue
         kind = None if path.suffix.lower() in READ_SUFFIXES else identify_file(path)
-        if kind is None and path.suffix.lower() not in READ_SUFFIXES:
-            others.append((path, "not an image (unrecognised content)"))
-        elif kind is None or kind.readable:
+        if path.suffix.lower() in READ_SUFFIXES or (kind is not None and kind.readable):
             images.append(path)
         else:
-            others.append((path, kind.describe()))
+            others.append((path, kind.describe() if kind else "not an image (unrecognised content)"))
     return images, others
 
 

@@ -28,6 +28,7 @@ from .errors import ArgumentError
 # The fields a service client may set in a query. The memory budget is the server's to decide; the rest
 # (pre-scale, tiling, colour fix) change the work a request costs beyond what the service limits check.
 RANDOM = "random"  # the seed that asks for a fresh draw per image
+SEED_RULE = f"an integer from 0 to 2**63 - 1, or {RANDOM}"
 
 
 def seed_value(text: str) -> int | str:
@@ -37,7 +38,7 @@ def seed_value(text: str) -> int | str:
     try:
         return int(text)
     except ValueError:
-        raise ArgumentError(f"seed {text[:40]!r}: an integer from 0 to 2**63 - 1, or {RANDOM}") from None
+        raise ArgumentError(f"seed {text[:40]!r}: {SEED_RULE}") from None
 
 
 def seed_for(seed: int | str | None, pixels: np.ndarray) -> int:
@@ -86,10 +87,9 @@ class RestoreOptions:
 
     def __post_init__(self) -> None:
         if isinstance(self.seed, str) and self.seed != RANDOM:
-            raise ArgumentError(f"seed {self.seed[:40]!r}: an integer from 0 to 2**63 - 1, or {RANDOM}")
-        check_arguments(steps=self.steps, seed=None if self.seed == RANDOM else self.seed, score=self.score, k=self.k,
-                        w=self.w,
-                        sr_scale=self.sr_scale, color_fix=self.color_fix, tile_size=self.tile_size,
+            raise ArgumentError(f"seed {self.seed[:40]!r}: {SEED_RULE}")
+        check_arguments(steps=self.steps, seed=None if self.seed == RANDOM else self.seed, score=self.score,
+                        k=self.k, w=self.w, sr_scale=self.sr_scale, color_fix=self.color_fix, tile_size=self.tile_size,
                         resize_back=self.resize_back)
         object.__setattr__(self, "memory_budget", check_memory_budget(self.memory_budget))
 
@@ -135,10 +135,8 @@ class RestoreOptions:
         for name, value in pairs:
             try:
                 given[name] = QUERY_FIELDS[name](value)
-            except ValueError:
+            except ValueError:  # seed_value says what a seed may be itself (ArgumentError)
                 raise ArgumentError(f"{name}={value[:40]!r} is not a {QUERY_FIELDS[name].__name__}") from None
-            except ArgumentError as err:
-                raise ArgumentError(f"{name}={value[:40]!r}: {str(err).split(': ', 1)[-1]}") from None
         return cls(**given)
 
     @staticmethod
