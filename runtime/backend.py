@@ -79,9 +79,13 @@ class Backend:
         with what the backend's runtime holds beside them (`runtime_bytes`)."""
         if self.on_device:
             return 0
+        return self.weight_bytes(graph_bytes, precision, directory_precision) + self.runtime_bytes
+
+    def weight_bytes(self, graph_bytes: int, precision: str, directory_precision: str | None = None) -> int:
+        """The weights alone of `host_weight_bytes` (by `weight_factors`), without `runtime_bytes`."""
         factors = self.weight_factors
         factor = factors.get(f"{precision}/{directory_precision}", factors.get(precision, DEFAULT_WEIGHT_FACTOR))
-        return int(graph_bytes * factor) + self.runtime_bytes
+        return int(graph_bytes * factor)
 
     def musiq_token_limit(self, manifest: Manifest) -> int | None:
         """The most MUSIQ tokens it serves for this directory; None = bounded only by memory."""
@@ -102,8 +106,13 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             cpu_precisions=CPU_PRECISIONS,
             # Every weight held twice, as the model compiled from (f16 in bf16: backends.weights_in_f16; fp32 in f32)
             # and as the plugin's packed copy in the compute precision: per byte of an fp16 directory, twice that.
-            weight_factors={"bf16": 1.05, "f32": 2.1, "bf16/fp16": 2.1, "f32/fp16": 3.2},
-            runtime_bytes=100 * 2**20),  # the CPU plugin's code and compiled kernels
+            # Fitted on the peaks of sd21 512x512 restores, bf16 and f32 from the fp32 and the fp16 directory (6 620,
+            # 12 359, 6 638, 9 703 MiB; re-measured within 0.2 %), with the plan's OpenVINO terms (runtime/memory.py):
+            # MUSIQ (fp32 in every directory, f32 on every backend) by the f32 factor, the other graphs by these.
+            weight_factors={"bf16": 1.04, "f32": 2.03, "bf16/fp16": 2.08, "f32/fp16": 3.08},
+            # The plugin's kernels and per-node state of the four compiled graphs beside their weights: fitted on the
+            # tiny engines' peaks (20 MiB of weights; 316 MiB measured graph by graph, three quarters the UNet's).
+            runtime_bytes=285 * 2**20),
     Backend("ort-cuda", Device.NVIDIA, "ONNX Runtime's CUDA provider", Runtime.ONNX_RUNTIME, install=GPU_ORT,
             missing=f"backend ort-cuda: this onnxruntime has no CUDA provider; {GPU_ORT}",
             providers=("CUDAExecutionProvider", "CPUExecutionProvider"), predicts_memory=False),

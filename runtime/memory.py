@@ -130,3 +130,65 @@ def vae_call_bytes(vae: dict, lat_h: int, lat_w: int) -> int:
     channels = vae["ch"] * vae["ch_mult"][0]
     pixels = 64 * lat_h * lat_w
     return VAE_ACTIVATIONS * pixels * channels * 4 + VAE_ATTENTION_COPIES * (lat_h * lat_w) ** 2 * 4
+
+
+# ------------------------------------------------------------------------------------- one restore on OpenVINO
+#
+# OpenVINO's CPU plugin (runtime/backends.py, `OpenVinoSession`) holds a restore's memory differently, measured
+# stage by stage on the tiny engines (`python tools/restore_memory.py engines/tiny-random HxW... --backend
+# openvino --stages`; benchmarks/README.md, "Restore memory"):
+# * a graph is read, prepared and compiled at its first call and held from then on: a stage holds the graphs run
+#   so far (MUSIQ, the encoders, the UNet, the decoder, in that order), where ONNX Runtime holds all four from
+#   the load. A compiled model holds, beside its weights, the plugin's kernels and per-node state
+#   (`Backend.runtime_bytes`, all four graphs; `OPENVINO_COMPILED_SHARES` says how much each);
+# * a compiled model keeps its intermediate buffers after a call until another graph's call starts
+#   (`OpenVinoMemory`): a stage holds its own buffers, as with ONNX Runtime's shared arena;
+# * the buffers are planned for the compiled shape (memory reused between nodes) and hold values in the compute
+#   precision (bf16: 2 bytes; MUSIQ f32). The UNet's self-attention is fused (no [N, N] scores: at N = 24 576,
+#   1 536×1 024 px, the UNet's call holds next to nothing), the VAE mid-block's is not: one [N, N] score matrix,
+#   whose memory the VAE's full-resolution activations reuse (the larger of the two is held, not their sum).
+# The process itself counts as `PROCESS_BYTES` (OpenVINO's measured 99 MiB after loading: the difference is in the
+# fit of `Backend.runtime_bytes`), the image as `IMAGE_BYTES_PER_PIXEL` (the tiny peaks grow by 46 B a pixel beyond
+# the attention).
+
+# Of `Backend.runtime_bytes`, what each stage's graph holds once compiled (buffers freed, heap trimmed; tiny
+# engines, bf16 and f32 alike: MUSIQ 37, dual encoder 29, UNet 240, decoder 10 MiB).
+OPENVINO_COMPILED_SHARES = {"musiq": 0.12, "encode": 0.09, "sample": 0.76, "decode": 0.03}
+OPENVINO_UNET_VALUES = 10  # per level-0 token and channel of a UNet call (tiny: ~15 MiB more from 4 096 to 24 576)
+OPENVINO_VAE_ATTENTION_COPIES = 1  # VAE mid-block [N, N] score matrices (tiny: 1 152 MiB bf16, 2 304 f32 at N = 24 576)
+# Values per full-resolution pixel and channel of a VAE call: the encoder's first level (ch · ch_mult[0]), the
+# decoder's full-resolution input (it upsamples the second level's ch · ch_mult[1] channels). Fitted on `sd21` bf16,
+# 512×512 against 1 024×768 (peaks 6 610 and 7 420 MiB: 810 MiB more for 3 × the pixels; the encoder's stage
+# 1 038 and 1 288 MiB, predicted 876 and 1 284); on the tiny engines (32 channels throughout) the attention is the
+# larger from 512×512 up.
+OPENVINO_VAE_VALUES = 3
+# MUSIQ's buffers per token (f32), linear in the tokens (its attention is fused too): the graph alone, 449 to 4 289
+# tokens, 220-230 KiB a token on the tiny MUSIQ and on `sd21`'s alike (the patches', not the width's); 200 KiB
+# fits the restores (the stage's peak over what it held before).
+OPENVINO_MUSIQ_TOKEN_BYTES = 200 * 1024
+
+
+def value_bytes(precision: str) -> int:
+    """Bytes of one activation in a backend's compute precision (bf16, "int8+bf16": 2; f32, fp32 and the rest: 4)."""
+    return 2 if precision.endswith("bf16") else 4
+
+
+def openvino_unet_call_bytes(unet: dict, lat_h: int, lat_w: int, precision: str) -> int:
+    """One UNet-with-controls call on OpenVINO: level-0 activations only (its attention is fused)."""
+    return OPENVINO_UNET_VALUES * lat_h * lat_w * unet["model_channels"] * unet["channel_mult"][0] * value_bytes(
+        precision)
+
+
+def openvino_vae_call_bytes(vae: dict, lat_h: int, lat_w: int, precision: str, decoder: bool) -> int:
+    """One encoder or decoder call on OpenVINO: the mid-block's [N, N] scores or the full-resolution activations,
+    whichever is larger (one buffer plan reuses the memory)."""
+    attention = OPENVINO_VAE_ATTENTION_COPIES * (lat_h * lat_w) ** 2
+    channels = vae["ch"] * (max(vae["ch_mult"][:2]) if decoder else vae["ch_mult"][0])
+    activations = OPENVINO_VAE_VALUES * 64 * lat_h * lat_w * channels
+    return max(attention, activations) * value_bytes(precision)
+
+
+def openvino_musiq_bytes(tokens: int, pixels: int) -> int:
+    """One MUSIQ call on OpenVINO (always f32): buffers that grow with the token count, and the image as float32
+    twice (scaled, resized) as on ONNX Runtime."""
+    return OPENVINO_MUSIQ_TOKEN_BYTES * tokens + 2 * pixels * 3 * 4

@@ -12,11 +12,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .backend import describe
+from .backend import Backend, Runtime, describe
 from .errors import InputError
 from .graphs import GRAPHS
 from .manifest import Manifest
-from .memory import IMAGE_BYTES_PER_PIXEL, PROCESS_BYTES, GiB, available_bytes, rss_bytes
+from .memory import (
+    IMAGE_BYTES_PER_PIXEL,
+    OPENVINO_COMPILED_SHARES,
+    PROCESS_BYTES,
+    GiB,
+    available_bytes,
+    openvino_musiq_bytes,
+    openvino_unet_call_bytes,
+    openvino_vae_call_bytes,
+    rss_bytes,
+)
 from .preprocess import Geometry, plan_geometry
 from .sizes import describe_size
 from .tiling import TILE_ABOVE_PIXELS, TILE_PX, Tile, grid
@@ -88,8 +98,11 @@ def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: t
     given, always on the whole image."""
     factor = manifest.latent.downsample_factor
     whole = (padded[0] // factor, padded[1] // factor)
+    described = describe(backend)
+    if described.runtime is Runtime.OPENVINO:
+        return _openvino_stages(manifest, described, precision, padded, whole, window or whole, tokens)
     graph_bytes = sum(manifest.graph_bytes(name) for name in manifest.graphs)
-    held = (PROCESS_BYTES + describe(backend).host_weight_bytes(graph_bytes, precision, manifest.precision)
+    held = (PROCESS_BYTES + described.host_weight_bytes(graph_bytes, precision, manifest.precision)
             + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1])
     calls = {}
     for name, entry in manifest.graphs.items():
@@ -100,6 +113,33 @@ def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: t
         calls[graph.stage] = graph.call_bytes(manifest.hyperparameters, *size, tokens=tokens,
                                               heads_at_once=entry.attention_heads_at_once)
     return {stage: held + calls[stage] for stage in STAGES if stage in calls}
+
+
+def _openvino_stages(manifest: Manifest, backend: Backend, precision: str, padded: tuple[int, int],
+                     whole: tuple[int, int], window: tuple[int, int], tokens: int | None) -> dict[str, int]:
+    """`predicted_stages` on OpenVINO (runtime/memory.py, "one restore on OpenVINO"): each stage holds the graphs
+    compiled so far (weights and compiled models), the image, and its own call's buffers; MUSIQ computes in f32
+    (its fp32 weights by the f32 factor), the other graphs in `precision`."""
+    hyperparameters = manifest.hyperparameters
+    held = PROCESS_BYTES + IMAGE_BYTES_PER_PIXEL * padded[0] * padded[1]
+    stages = {}
+    for stage in STAGES:
+        names = [name for name in manifest.graphs if GRAPHS[name].stage == stage]
+        if not names or (stage == "musiq" and tokens is None):
+            continue  # not run, so never compiled: OpenVINO holds nothing of it
+        for name in names:
+            graph_precision, directory = ("f32", None) if GRAPHS[name].fp32_only else (precision, manifest.precision)
+            held += backend.weight_bytes(manifest.graph_bytes(name), graph_precision, directory)
+        held += int(OPENVINO_COMPILED_SHARES[stage] * backend.runtime_bytes)  # the compiled models, stage by stage
+        size = window if all(GRAPHS[name].tiled for name in names) else whole
+        if stage == "musiq":
+            call = openvino_musiq_bytes(tokens, padded[0] * padded[1])
+        elif stage == "sample":
+            call = openvino_unet_call_bytes(hyperparameters["unet"], *size, precision)
+        else:
+            call = openvino_vae_call_bytes(hyperparameters["vae"], *size, precision, decoder=stage == "decode")
+        stages[stage] = held + call
+    return stages
 
 
 def musiq_tokens(manifest: Manifest, backend: str, padded: tuple[int, int]) -> int:
