@@ -27,9 +27,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from adaptbir.runtime.arguments import DefaultsHelp
+from adaptbir.runtime.arguments import DefaultsHelp, Parser
 from adaptbir.runtime.backends import CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
+from adaptbir.runtime.signals import command
 from adaptbir.runtime.sizes import parse_size
 
 from .memory import openvino_load_times, openvino_profile, peak_rss
@@ -44,7 +45,7 @@ RESULTS = Path("benchmarks/results")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adaptbir-bench", description=__doc__.split("\n\n")[0].replace("`", ""),
+    p = Parser(prog="adaptbir-bench", description=__doc__.split("\n\n")[0].replace("`", ""),
                                 formatter_class=DefaultsHelp)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--engines", type=Path, help="an existing engine directory")
@@ -292,6 +293,7 @@ def run(args) -> dict[str, Any]:
     return report
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

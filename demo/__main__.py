@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from matplotlib import cbook
 
 from adaptbir.export.build import WeightSource, build
 from adaptbir.export.config import load_config
-from adaptbir.runtime.arguments import DefaultsHelp
+from adaptbir.runtime.arguments import DefaultsHelp, Parser
 from adaptbir.runtime.image_io import read_image, write_image
 from adaptbir.runtime.pipeline import Pipeline
 from adaptbir.runtime.progress import BatchProgress
@@ -50,7 +49,7 @@ def timing_table(timings: dict[str, float], steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0],
+    parser = Parser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=DefaultsHelp)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the noise")
@@ -64,13 +63,14 @@ def main(argv: list[str] | None = None) -> None:
 
     photo = Path(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     image = read_image(photo)
-    print(f"2/3 restore {photo.name}, {describe_size(*image.rgb.shape[:2])}, {args.steps} steps, ort-cpu")
+    print(f"2/3 restore {photo.name} (the portrait of Grace Hopper matplotlib ships, a public-domain U.S. Navy "
+          f"photo), {describe_size(*image.rgb.shape[:2])}, {args.steps} steps, ort-cpu")
     pipeline = Pipeline.from_engines(ENGINES, threads=args.threads)
     shown = BatchProgress(1)
-    progress = shown.image(photo.name)
+    progress = shown.image(photo.name, args.steps)
     result = pipeline.restore(image, seed=args.seed, steps=args.steps, progress=progress.step,
                               on_stage=progress.stage)
-    progress.finish("restored")
+    progress.finish(f"restored, {result.plan.geometry.journey()}")
     shown.close()
     OUT.mkdir(parents=True, exist_ok=True)
     target = OUT / "grace_hopper.png"

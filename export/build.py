@@ -324,7 +324,6 @@ def _manifest(config: ModelConfig, report: LoadReport, out: Path, name: str, pre
         musiq=MusiqLimits(n_max, FIXED_TOKENS + 1, config.musiq.patch_size, tuple(config.musiq.longer_side_lengths),
                           config.musiq.spatial_pos_grid_size),
         context=ContextEntry(tuple(context.shape), context_source), graphs=graphs, files=files,
-        checkpoint={"sources": report.sources, "notes": report.notes,
-                    "ignored": {reason: len(keys) for reason, keys in report.ignored.items()}},
+        checkpoint=report.record(),
         tools=tools,
     )

@@ -4,7 +4,9 @@ Inputs are one AdaptBIR stage-3 checkpoint, or parts given separately (an SD 2.1
 with ControlNet + CSFT weights, a stage-1 VAE for the restoration encoder, pyiqa's MUSIQ KonIQ weights).
 Every key is either used, ignored for a stated reason, or an error; missing keys are an error too, except
 for the optional parts (CSFT, restoration encoder, text encoder, MUSIQ), whose absence is reported.
-Pickles are only ever opened with `torch.load(weights_only=True)`.
+Pickles are only ever opened with `torch.load(weights_only=True)`. Each file is hashed (sha256) right
+before it is read and matched against the published files of `export/weights.py`, which also says, in
+errors and notes, where a missing part is published and which flag gives it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from adaptbir.runtime.errors import CheckpointError
 
 from .config import ModelConfig
 from .model import CHECKPOINT_PREFIXES, AdaptBIR, Capabilities, random_model
+from .weights import CSFT, MUSIQ, RESTORATION_ENCODER, TEXT_ENCODER, WeightFile, absent_note, fingerprint, missing_parts
 
 SCHEDULE_KEYS = frozenset({
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
@@ -56,9 +59,7 @@ def read_state_dict(path: str | Path) -> Tensors:
 
     A `state_dict`/`params` wrapper and a DataParallel `module.` prefix are removed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    path = _existing(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -69,6 +70,13 @@ def read_state_dict(path: str | Path) -> Tensors:
     else:
         state = _load_pickle(path)
     return _strip_module_prefix(state, path)
+
+
+def _existing(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    return path
 
 
 def _load_pickle(path: Path) -> Tensors:
@@ -139,6 +147,7 @@ class CheckpointSet:
     tensors: Tensors = field(default_factory=dict)
     ignored: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     sources: list[str] = field(default_factory=list)
+    files: list[WeightFile] = field(default_factory=list)  # the files read, hashed; none for in-memory dicts
 
     def ignore(self, reason: str, keys) -> None:
         for key in keys:
@@ -154,14 +163,18 @@ def gather(checkpoint: str | Path | None = None, *, control: str | Path | None =
            state_dicts: dict[str, Tensors] | None = None) -> CheckpointSet:
     """Merge the given files (later parts override earlier ones) into stage-3 key names.
 
-    `state_dicts` takes already-loaded dicts under the same roles (used by tests and random builds).
+    Each file is hashed right before it is read (streamed: the page cache then serves the read). `state_dicts`
+    takes already-loaded dicts under the same roles (used by tests and random builds); they record no files.
     """
     given = {"checkpoint": checkpoint, "control": control, "restoration_vae": restoration_vae, "musiq": musiq}
     loaded = dict(state_dicts or {})
+    files = []
     for role, path in given.items():
         if path is not None:
+            files.append(fingerprint(role, _existing(path)))
             loaded[role] = read_state_dict(path)
-    ckpts = CheckpointSet(sources=[f"{role}={path}" for role, path in given.items() if path is not None])
+    ckpts = CheckpointSet(sources=[f"{role}={path}" for role, path in given.items() if path is not None],
+                          files=files)
     if "checkpoint" in loaded:
         ckpts.tensors.update(loaded["checkpoint"])
     if "control" in loaded:
@@ -203,14 +216,21 @@ class LoadReport:
     loaded: dict[str, int]  # checkpoint prefix → number of tensors
     ignored: dict[str, list[str]]  # reason → keys
     notes: list[str]
+    files: list[WeightFile] = field(default_factory=list)  # the files read, with size and sha256
 
     def summary(self) -> str:
         lines = [f"loaded from {', '.join(self.sources) or 'memory'}:"]
+        lines += [f"  file {file.line()}" for file in self.files]
         lines += [f"  {prefix:<28} {count:>5} tensors" for prefix, count in self.loaded.items()]
         for reason, keys in self.ignored.items():
             lines.append(f"  ignored {len(keys):>4}: {reason}")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
+
+    def record(self) -> dict:
+        """The manifest's `checkpoint` section: sources, the files read (name, bytes, sha256), notes, ignored keys."""
+        return {"sources": self.sources, "files": [file.to_dict() for file in self.files], "notes": self.notes,
+                "ignored": {reason: len(keys) for reason, keys in self.ignored.items()}}
 
 
 def _ignore_unused(ckpts: CheckpointSet, config: ModelConfig) -> None:
@@ -263,16 +283,18 @@ def detect_capabilities(keys, config: ModelConfig) -> Capabilities:
     )
 
 
-def _notes(caps: Capabilities) -> list[str]:
-    notes = []
+def _notes(caps: Capabilities, config: ModelConfig, files: list[WeightFile] | tuple = ()) -> list[str]:
+    """A file named like a published one but with other bytes, then each absent optional part and where it is."""
+    notes = [note for file in files if (note := file.note())]
     if not caps.has_csft:
-        notes.append("no CSFT weights (cft_blocks/upsample_layers): w is fixed to 0 (plain LAControlNet)")
+        notes.append(absent_note(CSFT))
     if not caps.has_restoration_encoder:
-        notes.append("no restoration encoder (preprocess_model.encoder/denoise_encoder): k is fixed to 1")
+        notes.append(absent_note(RESTORATION_ENCODER))
     if not caps.has_text_encoder:
-        notes.append("no text encoder (cond_stage_model): the context must be given (--context) or seeded")
+        notes.append(absent_note(TEXT_ENCODER) if config.text_encoder else
+                     f"no text encoder (the {config.name} hyper-parameters have none): {TEXT_ENCODER.without}")
     if not caps.has_musiq:
-        notes.append("no MUSIQ weights: give --musiq, or the runtime needs an explicit --score")
+        notes.append(absent_note(MUSIQ))
     return notes
 
 
@@ -311,6 +333,7 @@ def match_keys(expected: dict[str, torch.Size], found: dict[str, torch.Size]) ->
     parts = ["the checkpoint does not fit the model:"]
     if missing:
         parts += [f"  {len(missing)} missing key(s):", describe_keys(missing)]
+        parts += [f"  {line}" for line in missing_parts(missing)]
     if unexpected:
         parts += [f"  {len(unexpected)} unexpected key(s):", describe_keys(unexpected)]
     if mismatched:
@@ -352,7 +375,8 @@ def load_model(config: ModelConfig, ckpts: CheckpointSet, device: str | torch.de
     loaded: dict[str, int] = defaultdict(int)
     for key in ckpts.tensors:
         loaded[next(p for p in CHECKPOINT_PREFIXES.values() if key.startswith(p))] += 1
-    report = LoadReport(ckpts.sources, caps, dict(loaded), dict(ckpts.ignored), _notes(caps))
+    report = LoadReport(ckpts.sources, caps, dict(loaded), dict(ckpts.ignored), _notes(caps, config, ckpts.files),
+                        list(ckpts.files))
     return model.eval(), report
 
 

@@ -16,18 +16,18 @@ import sys
 import time
 from pathlib import Path
 
-from adaptbir.runtime.arguments import DefaultsHelp
+from adaptbir.runtime.arguments import DefaultsHelp, Parser
 from adaptbir.runtime.backends import BACKENDS, CPU_PRECISIONS
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.manifest import Manifest
-from adaptbir.runtime.signals import StopSignals
+from adaptbir.runtime.signals import StopSignals, command
 from adaptbir.runtime.sizes import describe_size, size_argument
 
 from .quantize import SCHEMES, Floors, Int8Options
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptbir-export", description=__doc__.split("\n\n")[0].replace("`", ""))
+    parser = Parser(prog="adaptbir-export", description=__doc__.split("\n\n")[0].replace("`", ""))
     sub = parser.add_subparsers(dest="command", required=True)
 
     build = sub.add_parser("build", help="export the ONNX engine directory", formatter_class=DefaultsHelp)
@@ -168,6 +168,7 @@ def _check(args) -> int:
     return 1 if failed else 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # SIGTERM and SIGHUP stop a build as Ctrl-C does: every staging and temporary folder is removed on the way

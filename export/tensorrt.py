@@ -6,7 +6,7 @@ precision comes from the ONNX graph itself, so an fp16 plan is built from an fp1
 TensorRT version + GPU compute capability, recorded in the manifest, and reused while the key holds. A
 timing cache beside the plans (polygraphy merges each build's timings into it) speeds up rebuilds.
 
-Not validated on hardware: no development machine has TensorRT and a GPU together (see README).
+Not validated on hardware: no development machine has TensorRT and a GPU together (docs/backends.md).
 """
 
 from __future__ import annotations

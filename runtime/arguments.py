@@ -7,8 +7,10 @@ value fails in a line before minutes of sampling, never late and never with a mi
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
+from collections.abc import Iterable
 from numbers import Integral, Real
 
 import numpy as np
@@ -125,3 +127,52 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+def _suggestion(word: str, candidates: Iterable[str]) -> str:
+    """" (did you mean --steps?)" for a close match, else ""."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def redefine(parser: argparse.ArgumentParser, option: str, **changes: object) -> None:
+    """Change an option a shared function added (its default and help together, so that help never shows
+    one default in words and another in "(default: ...)")."""
+    action = parser._option_string_actions[option]
+    for name, value in changes.items():
+        setattr(action, name, value)
+    if "default" in changes:
+        parser.set_defaults(**{action.dest: changes["default"]})
+
+
+class Parser(argparse.ArgumentParser):
+    """An `ArgumentParser` that answers a mistyped option or choice with the usage of the command it was
+    typed for (a subcommand's, not the program's) and the closest name it has: `--stpes 2` → "unrecognized
+    arguments: --stpes 2 (did you mean --steps?)". Subcommands made by `add_subparsers` are Parsers too, so
+    every command of a program built on it answers the same way."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            owner = self._command_parser(parsed)
+            options = [o for action in owner._actions for o in action.option_strings]
+            hints = "".join(_suggestion(word.split("=", 1)[0], options) for word in extras if word.startswith("-"))
+            owner.error(f"unrecognized arguments: {' '.join(extras)}{hints}")
+        return parsed
+
+    def _command_parser(self, parsed: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)command's own parser that read the arguments, the deepest one chosen."""
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction) and getattr(parsed, action.dest, None) in action.choices:
+                chosen = action.choices[getattr(parsed, action.dest)]
+                return chosen._command_parser(parsed) if isinstance(chosen, Parser) else chosen
+        return self
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as err:
+            if action.choices is None or not isinstance(value, str):
+                raise
+            raise argparse.ArgumentError(action, f"{err.message}{_suggestion(value, map(str, action.choices))}"
+                                         ) from None

@@ -4,7 +4,7 @@
 and `trt` (our own TensorRT plans, run by polygraphy), each described in `backend.py`. Sessions are created
 once, when the directory is loaded, and reused; ONNX Runtime sessions may be run from several threads at
 once. A backend that is not available fails in one line naming what to install. The GPU backends are
-written against the documented APIs and are not validated on hardware (see README).
+written against the documented APIs and are not validated on hardware (docs/backends.md).
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@ image at a time into its report record, the summary and the exit status. `adaptb
 `adaptbir-ray restore` share it.
 
 A batch continues past an image that fails, reports it, and exits non-zero. Outputs are written atomically,
-never outside OUTDIR, and never over an input; SIGINT, SIGTERM and SIGHUP stop it after the current image
-with nothing partial left. Only regular files are read.
+never outside OUTDIR, and never over an input; SIGINT, SIGTERM and SIGHUP stop it at once: the image being
+restored is dropped (an output being written is finished), nothing partial is left. Only regular files are read.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from .atomic import TEMPORARIES, close_temporaries, file_kind, open_regular, ope
 from .backend import add_backend_arguments
 from .errors import AdaptBIRError, ArgumentError
 from .formats import identify_file
-from .image_io import READ_SUFFIXES
+from .image_io import READ_SUFFIXES, WRITE_FORMATS
 from .options import RestoreOptions
-from .progress import BatchProgress, ImageProgress, say
+from .progress import BatchProgress, ImageProgress, plural, say
 from .signals import StopSignals
 
-FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+FORMATS = {"png": ".png", "jpeg": ".jpg", "jpg": ".jpg", "webp": ".webp", "same": ""}  # --format -> suffix
+KEPT_SUFFIXES = tuple(f".{name}" for name in WRITE_FORMATS)  # --format same keeps these; other kinds -> .png
 APPEND = os.O_WRONLY | os.O_APPEND | os.O_CREAT
 T = TypeVar("T")
 
@@ -94,7 +95,8 @@ class BatchSettings:
                             help="output folder (created; folders keep their layout inside it)")
         parser.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
         parser.add_argument("--threads", type=int, help="CPU threads for ONNX Runtime or OpenVINO (default: all cores)")
-        parser.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format")
+        parser.add_argument("--format", default="png", choices=tuple(FORMATS), help="output image format; same: "
+                            "the input's (PNG, JPEG, WebP, TIFF, by its suffix), PNG for other kinds")
         parser.add_argument("--quality", type=int, default=95, help="jpg/webp quality (0..100)")
         parser.add_argument("--on-exists", default="skip", choices=("skip", "overwrite", "suffix"),
                             help="when an output exists: keep it, replace it, or write NAME-1, NAME-2, ...")
@@ -177,10 +179,11 @@ def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> Inputs:
     or suffix: the first free `NAME-N`)."""
     root = out.resolve()
     found, missing, not_images = find_inputs(inputs, root)
+    found = [(source.absolute(), relative) for source, relative in found]  # records name both ends absolute
     problems = [f"{path}: no such file or directory" for path in missing]
     by_target: dict[Path, list[Path]] = {}
     for source, relative in found:
-        by_target.setdefault((root / relative).with_suffix(FORMATS[fmt]), []).append(source)
+        by_target.setdefault((root / relative).with_suffix(output_suffix(source, fmt)), []).append(source)
     collisions = [f"{', '.join(map(str, sources))} -> {target}" for target, sources in by_target.items()
                   if len(sources) > 1]
     if collisions:
@@ -200,6 +203,14 @@ def plan_jobs(inputs: list[Path], out: Path, fmt: str, policy: str) -> Inputs:
         taken.add(resolved)
         jobs.append(Job(source, resolved, skip=policy == "skip" and resolved.exists()))
     return Inputs(jobs, problems, not_images)
+
+
+def output_suffix(source: Path, fmt: str) -> str:
+    """The suffix of `source`'s output, which is also the format it is written in (`write_output`)."""
+    if fmt != "same":
+        return FORMATS[fmt]
+    suffix = source.suffix.lower()
+    return suffix if suffix in KEPT_SUFFIXES else ".png"
 
 
 def _free_name(target: Path, taken: set[Path], must_not_exist: bool) -> Path:
@@ -351,7 +362,6 @@ def _run_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSetting
         tally.failures.append(f"--report {settings.report}: cannot append a record ({err.strerror or err}); stopped")
         shown.write(f"adaptbir: {tally.failures[-1]}")
         return False
-    shown.advance()
     return True
 
 
@@ -361,7 +371,7 @@ def _restore_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSet
     from .image_io import read_image
 
     record: dict[str, Any] = {"input": str(job.source), **pipeline.describe()}
-    progress = shown.image(job.source.name)
+    progress = shown.image(job.source.name, options.steps)
     try:
         if job.skip:
             tally.skipped += 1
@@ -374,7 +384,7 @@ def _restore_job(job: Job, pipeline, options: RestoreOptions, settings: BatchSet
             record.update(status="ok", output=str(job.target), **result.record())
             for warning in result.warnings:
                 shown.write(f"adaptbir: {job.source}: warning: {warning}")
-        progress.finish(record["status"])
+        progress.finish(outcome(record))
     except KeyboardInterrupt as err:  # the image is abandoned (or, if raised after its write, kept)
         stop.stopped(err)
         progress.finish(record.setdefault("status", "interrupted"))
@@ -395,8 +405,8 @@ def finish_batch(done: int, skipped: int, failures: list[str], inputs: Inputs, o
     verb = "interrupted after" if interrupted else "restored"
     why = f" ({signal.Signals(signum).name})" if interrupted else ""
     total = len(inputs.jobs) + len(inputs.problems)
-    others = f", {_count(len(inputs.not_images), 'file')} not an image" if inputs.not_images else ""
-    say(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {total} input(s){others} -> {out}{why}")
+    others = f", {plural(len(inputs.not_images), 'file')} not an image" if inputs.not_images else ""
+    say(f"{verb} {done}, skipped {skipped}, failed {len(failures)} of {plural(total, 'input')}{others} -> {out}{why}")
     for what, paths in _grouped(inputs.not_images).items():
         names = ", ".join(p.name for p in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
         say(f"  not an image: {names} ({what})")
@@ -405,15 +415,16 @@ def finish_batch(done: int, skipped: int, failures: list[str], inputs: Inputs, o
     return 128 + signum if interrupted else 1 if failures else 0
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
 def _grouped(items: list[tuple[Path, str]]) -> dict[str, list[Path]]:
     groups: dict[str, list[Path]] = {}
     for path, what in items:
         groups.setdefault(what, []).append(path)
     return groups
+
+
+def outcome(record: dict[str, Any]) -> str:
+    """An image's last progress line: its status, and for a restored one its sizes and why they changed."""
+    return f"{record['status']}, {record['size_change']}" if "size_change" in record else record["status"]
 
 
 def without_path(err: Exception, source: Path) -> str:
@@ -429,11 +440,12 @@ def restore_loaded(pipeline, image, options: RestoreOptions, progress: ImageProg
 
 
 def write_output(job: Job, out, settings: BatchSettings) -> None:
-    """Atomic: the output appears whole or not at all (its temporary file in `job.temporary_dir` if set)."""
+    """Atomic: the output appears whole or not at all (its temporary file in `job.temporary_dir` if set), in
+    the format its suffix names (`output_suffix`)."""
     from .image_io import write_image
 
     write_image(job.target, out.rgb, alpha=out.alpha, icc_profile=out.icc_profile, exif=out.exif,
-                fmt=settings.format, quality=settings.quality, temporary_dir=job.temporary_dir)
+                fmt=job.target.suffix, quality=settings.quality, temporary_dir=job.temporary_dir)
 
 
 def append_report(path: Path | None, record: dict[str, Any]) -> None:

@@ -18,24 +18,25 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .arguments import DefaultsHelp
-from .backend import add_backend_arguments
+from .arguments import DefaultsHelp, Parser
+from .backend import BACKENDS, add_backend_arguments
 from .backends import backend_status
 from .batch import add_restore_arguments, find_inputs, restore_batch, restore_command, without_path
 from .errors import AdaptBIRError
 from .manifest import Manifest
 from .options import RestoreOptions
 from .progress import printable, say
+from .signals import command
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptbir", description="AdaptBIR blind image restoration runtime")
+    parser = Parser(prog="adaptbir", description="AdaptBIR blind image restoration runtime")
     parser.add_argument("--version", action="version", version=f"adaptbir {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("restore", help="restore image files or directories", formatter_class=DefaultsHelp,
                        description="Restore image files or folders (recursively) into OUTDIR; a failing image is "
                        "reported and the batch goes on (exit 1), usage errors exit 2; Ctrl-C, SIGTERM or SIGHUP stop "
-                       "it after the current image (exit 128 + the signal: 130, 143, 129).")
+                       "it at once, dropping the image being restored (exit 128 + the signal: 130, 143, 129).")
     add_restore_arguments(r)
     p = sub.add_parser("plan", help="how each image would be restored, before anything runs",
                        formatter_class=DefaultsHelp,
@@ -111,9 +112,10 @@ def describe_manifest(m: Manifest) -> str:
         f"schedule          {schedule.beta_schedule} {schedule.linear_start}..{schedule.linear_end} over "
         f"{schedule.timesteps}, default {schedule.default_steps} steps",
         f"gating            {m.gating['rule']}",
-        f"MUSIQ tokens      {m.musiq.n_min}..{m.musiq.n_max}",
+        f"MUSIQ tokens      {m.musiq.n_min}..{m.musiq.n_max}: {_token_range_meaning(m)}",
         "built with        " + ", ".join(f"{k} {v}" for k, v in m.tools.items()),
         f"runtime range     {m.runtime['min']} <= v < {m.runtime['below']}",
+        *_weight_file_lines(m.checkpoint),
         "",
         f"{'graph':<14} {'precision':<9} {'MiB':>9}  {'inputs':<64} parity",
     ]
@@ -129,6 +131,25 @@ def describe_manifest(m: Manifest) -> str:
     return "\n".join(map(printable, lines))  # a name in the manifest cannot add a line
 
 
+def _weight_file_lines(checkpoint: dict[str, Any]) -> list[str]:
+    """One line per weight file the build read (a free-form section: older manifests have none)."""
+    files = checkpoint.get("files") if isinstance(checkpoint, dict) else None
+    lines = []
+    for file in files if isinstance(files, list) else []:
+        if isinstance(file, dict):
+            published = f" (the published {file['published']})" if file.get("published") else ""
+            lines.append(f"weights           {file.get('role')} {file.get('name')}, "
+                         f"sha256 {str(file.get('sha256'))[:16]}{published}")
+    return lines
+
+
+def _token_range_meaning(m: Manifest) -> str:
+    """Who the MUSIQ token range binds: the backends that run fixed-profile plans, not the others."""
+    bound = [b.name for b in BACKENDS.values() if b.musiq_token_limit(m) is not None]
+    return (f"the range the TensorRT profile serves ({', '.join(bound)}; a photo's count: `adaptbir plan`); "
+            "the other backends take any count")
+
+
 def _quantization_lines(q: dict[str, Any]) -> list[str]:
     """An int8 directory's proof: how it was calibrated and what its gate measured against fp32."""
     calibration, gate = q["calibration"], q["gate"]
@@ -141,6 +162,7 @@ def _quantization_lines(q: dict[str, Any]) -> list[str]:
             f"int8 gate         passed vs fp32 on the held-out photos ({gate['steps']} steps): {measured}"]
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -204,7 +204,7 @@ class Musiq(Graph):
 
 
 # fp32 tolerances are 1e-4 on latents, eps and images and 1e-3 on the 0–100 MUSIQ score (docs/architecture.md);
-# fp16 ones are PSNR over the output's peak-to-peak range (README "Precision"). The order is the build order.
+# fp16 ones are PSNR over the output's peak-to-peak range (docs/precision.md). The order is the build order.
 GRAPHS: dict[str, Graph] = {g.name: g for g in (
     DualEncoder(GraphSpec(
         "dual_encoder",

@@ -50,6 +50,8 @@ WRITE_FORMATS: dict[str, tuple[str, bool]] = {
     "jpg": ("JPEG", False),
     "jpeg": ("JPEG", False),
     "webp": ("WEBP", True),
+    "tif": ("TIFF", True),
+    "tiff": ("TIFF", True),
 }
 
 # 16-bit PNG raw modes that Pillow reduces to 8 bits by keeping the high byte, and the raw mode that decodes
@@ -387,7 +389,7 @@ def resize_alpha(alpha: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
                 exif: bytes | None = None, fmt: str = "png", quality: int = 95,
                 temporary_dir: Path | None = None) -> None:
-    """Write atomically as png, jpg/jpeg or webp: a temporary file (in `temporary_dir`, on the same
+    """Write atomically as png, jpg/jpeg, webp or tif/tiff: a temporary file (in `temporary_dir`, on the same
     filesystem, else a dot-named sibling), then os.replace.
 
     Alpha is kept for png and webp and dropped for jpg; quality applies to jpg and webp. On any error the

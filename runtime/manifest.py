@@ -29,7 +29,7 @@ import numpy as np
 
 from . import __version__
 from .arguments import STEPS
-from .atomic import SpecialFileError, atomic_write, open_regular
+from .atomic import SpecialFileError, atomic_write, file_kind, open_regular
 from .errors import EngineError, shortened
 from .gating import RULE
 from .graph_content import content_problems
@@ -409,12 +409,22 @@ def _nearby(directory: Path) -> str:
     return f"engine directories found nearby: {shown}"
 
 
+def _not_a_directory(path: Path) -> str:
+    """Why `path` is no engine directory: absent, or something else (a graph file inside one: its folder)."""
+    kind = file_kind(path)
+    if kind is None:
+        return f"engine directory {path} does not exist; {_nearby(path)}"
+    if (path.parent / MANIFEST).is_file():
+        return f"{path} is a {kind} inside an engine directory; give the directory: {path.parent}"
+    return f"{path} is a {kind}, not an engine directory; {_nearby(path)}"
+
+
 def read_manifest(directory: str | Path) -> Manifest:
     """The manifest alone, validated (schema, versions, gating rule, listed names, consistency), its files
     unchecked: for the builder, which checks each file it reuses itself."""
     directory = Path(directory)
     if not directory.is_dir():
-        raise EngineError(f"engine directory {directory} does not exist; {_nearby(directory)}")
+        raise EngineError(_not_a_directory(directory))
     path = directory / MANIFEST
     data = parse_manifest(path, _manifest_bytes(directory))
     _check_versions(path, data)

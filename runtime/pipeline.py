@@ -61,7 +61,8 @@ class Result:
 
     def record(self) -> dict[str, Any]:
         return {"score": self.score, "score_source": self.score_source, "class": self.label, "k": self.k,
-                "w": self.w, "seed": self.seed, "steps": self.steps, "sizes": self.sizes, "tiled": self.tiled,
+                "w": self.w, "seed": self.seed, "steps": self.steps, "sizes": self.sizes,
+                "size_change": self.plan.geometry.journey(), "tiled": self.tiled,
                 "tiling": self.plan.reason, "predicted_peak_gib": round(self.plan.peak_bytes / 2**30, 2),
                 "timings": self.timings, "warnings": self.warnings, "backend": self.backend,
                 "compute_precision": self.precision}

@@ -70,7 +70,7 @@ class RestorePlan:
         g = self.geometry
         return {"sizes": {"input": list(g.input), "processing": list(g.processing), "padded": list(g.padded)},
                 "musiq_tokens": self.tokens, "tiled": self.tiled, "tile_px": self.tile_px, "tiles": self.tiles,
-                "why": self.reason, "predicted_peak_gib": round(self.peak_bytes / GiB, 2),
+                "size_change": g.journey(), "why": self.reason, "predicted_peak_gib": round(self.peak_bytes / GiB, 2),
                 "peak_stage": self.peak_stage, "stages_gib": {k: round(v / GiB, 2) for k, v in self.stages.items()},
                 "budget_gib": None if self.budget is None else round(self.budget / GiB, 2),
                 "backend": self.backend, "precision": self.precision}
@@ -79,7 +79,7 @@ class RestorePlan:
         g = self.geometry
         how = f"{self.tiles} tiles of {self.tile_px} px" if self.tiled else "untiled"
         tokens = "score given" if self.tokens is None else f"{self.tokens} MUSIQ tokens"
-        return (f"processing {describe_size(*g.processing)}, padded {describe_size(*g.padded)}, {tokens}; {how}: "
+        return (f"{g.journey()}, padded {describe_size(*g.padded)}, {tokens}; {how}: "
                 f"{self.reason}; predicted peak {self.peak_bytes / GiB:.1f} GiB ({self.peak_stage})")
 
 

@@ -26,6 +26,20 @@ class Geometry:
     processing: tuple[int, int]  # after SR pre-scale and short-side upscaling
     padded: tuple[int, int]  # processing size edge-padded to the pad multiple
     output: tuple[int, int]  # what is written: input × sr_scale, or the processing size
+    sr_scale: float = 1.0
+
+    def journey(self) -> str:
+        """For people: the input size → the processing size and why, and the written size where it is another:
+        `640×480 → 683×512 (W×H; short side raised to 512, as the paper does; written 640×480)`."""
+        why = [f"sr_scale {self.sr_scale:g}"] if self.sr_scale != 1 else []
+        scaled = (math.ceil(self.input[0] * self.sr_scale), math.ceil(self.input[1] * self.sr_scale))
+        if self.processing != scaled:
+            why.append(f"short side raised to {MIN_SHORT_SIDE}, as the paper does")
+        if self.output != self.processing:
+            why.append(f"written {_wxh(self.output)}")
+        if self.processing == self.input:
+            return f"{_wxh(self.input)} (W×H; processed at its own size" + "".join(f"; {w}" for w in why) + ")"
+        return f"{_wxh(self.input)} → {_wxh(self.processing)} (W×H; {'; '.join(why)})"
 
 
 def _resize(rgb: np.ndarray, size_hw: tuple[int, int], resample: int) -> np.ndarray:
@@ -50,7 +64,11 @@ def plan_geometry(height: int, width: int, sr_scale: float = 1.0, resize_back: b
             f"side is raised to {MIN_SHORT_SIDE}, then × sr_scale), above the {MAX_PROCESSING_PIXELS // 2**20} Mpx "
             "limit; crop or resize it first"
         )
-    return Geometry((height, width), (h, w), padded, target if resize_back else (h, w))
+    return Geometry((height, width), (h, w), padded, target if resize_back else (h, w), sr_scale)
+
+
+def _wxh(size: tuple[int, int]) -> str:
+    return f"{size[1]}×{size[0]}"
 
 
 def prepare(rgb: np.ndarray, geometry: Geometry, sr_scale: float = 1.0) -> np.ndarray:

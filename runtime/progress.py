@@ -71,10 +71,11 @@ class BatchProgress:
             self.size = {"ncols": columns or 100, "nrows": rows or 24}
             self.images_bar = tqdm(total=total, desc="images", unit="img", file=self.stream, **self.size)
 
-    def image(self, name: str) -> ImageProgress:
+    def image(self, name: str, steps: int | None = None) -> ImageProgress:
+        """The next image's hooks; `steps`, its sampling steps, is the steps bar's total from its first draw."""
         self.index += 1
         name = printable(name)
-        return ImageProgress(self, name, f"[{self.index}/{self.total}] {name}")
+        return ImageProgress(self, name, f"[{self.index}/{self.total}] {name}", steps)
 
     def write(self, line: str) -> None:
         """A whole line (an error, a warning), never mixed into a bar."""
@@ -98,15 +99,18 @@ class BatchProgress:
         self.advance()
 
     def close(self) -> None:
+        """The images bar's last draw says how the batch ended, not the last image's stage."""
         if self.images_bar is not None:
+            done = self.images_bar.n == self.total
+            self.images_bar.set_postfix_str("done" if done else "stopped", refresh=False)
             self.images_bar.close()
 
 
 class ImageProgress:
     """Hooks for one image: `stage(name, tiles)` as each stage begins, `step(i, n)` after each step."""
 
-    def __init__(self, batch: BatchProgress, name: str, label: str):
-        self.batch, self.name, self.label = batch, name, label
+    def __init__(self, batch: BatchProgress, name: str, label: str, steps: int | None = None):
+        self.batch, self.name, self.label, self.steps = batch, name, label, steps
         self._steps = None
         self._times = [time.perf_counter()]
         self._started = time.perf_counter()
@@ -133,15 +137,19 @@ class ImageProgress:
             self.batch.write(f"{self.label}: step {done}/{total}, {eta}")
 
     def finish(self, outcome: str) -> None:
+        """The image is done with (`outcome`: ok, failed, ...): its line, or the images bar moved on past it."""
         self._close_steps()
         if self.batch.mode == "lines":
             self.batch.write(f"{self.label}: {outcome} ({time.perf_counter() - self._started:.1f} s)")
+        elif self.batch.mode == "bars":
+            self.batch.images_bar.set_postfix_str(f"{self.name}: {outcome}", refresh=False)
+        self.batch.advance()
 
     def _open_steps(self) -> None:
         from tqdm import tqdm
 
-        self._steps = tqdm(total=1, desc="  steps", unit="step", file=self.batch.stream, position=1, leave=False,
-                           **self.batch.size, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
+        self._steps = tqdm(total=self.steps, desc="  steps", unit="step", file=self.batch.stream, position=1,
+                           leave=False, **self.batch.size, bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} "
                            "[{elapsed}{postfix}]")
 
     def _close_steps(self) -> None:
@@ -153,3 +161,8 @@ class ImageProgress:
 def say(line: str, stream: TextIO | None = None) -> None:
     """Print one line (stderr by default) with the control characters of the names in it escaped."""
     print(printable(line), file=sys.stderr if stream is None else stream)
+
+
+def plural(count: float, noun: str) -> str:
+    """`1 image`, `2 images`, `0.8 CPUs`."""
+    return f"{count:g} {noun}{'' if count == 1 else 's'}"

@@ -3,9 +3,12 @@ half and the batch ends with its summary (exit 128 + the signal)."""
 
 from __future__ import annotations
 
+import functools
+import os
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -71,3 +74,19 @@ class StopSignals:
             self._abandon = False
 
 
+
+
+def command(main: Callable[..., int]) -> Callable[..., int]:
+    """A command's `main`, ended quietly when the reader of its output goes away (`adaptbir info | head`):
+    no traceback, stdout pointed at /dev/null so the interpreter's last flush cannot fail again, and the
+    status a shell gives a command killed by SIGPIPE (141)."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + signal.SIGPIPE
+
+    return run

@@ -29,10 +29,15 @@ import hashlib
 import json
 import logging
 import math
+import os
 import pickle
 import signal
+import sys
 import time
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,7 @@ from adaptbir.runtime.batch import (
     append_records,
     append_report,
     finish_batch,
+    outcome,
     prepared_outputs,
     restore_loaded,
     without_path,
@@ -52,7 +58,7 @@ from adaptbir.runtime.batch import (
 from adaptbir.runtime.errors import ArgumentError
 from adaptbir.runtime.manifest import Manifest
 from adaptbir.runtime.options import RestoreOptions
-from adaptbir.runtime.progress import BatchProgress
+from adaptbir.runtime.progress import BatchProgress, plural, say
 from adaptbir.runtime.signals import StopSignals
 
 from .shipping import EngineShipment, default_cache, ship
@@ -207,7 +213,9 @@ def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options
     manifest = load_manifest(settings.engines)  # every file hashed once, here: a bad directory stops the job
     options = options.for_schedule(manifest.schedule.default_steps, manifest.max_steps)
     salt = options_salt(options, settings, manifest.identity)
-    with StopSignals() as stop, prepared_outputs(settings.out, settings.report, inputs.jobs) as jobs:
+    log = settings.out / RAY_LOG
+    with StopSignals() as stop, prepared_outputs(settings.out, settings.report, inputs.jobs) as jobs, \
+            ray_output_to(log):
         items, skipped = _dispatch(settings, options, jobs, salt)
         failures, done = list(inputs.problems), 0
         shown = BatchProgress(len(items), quiet=settings.quiet)
@@ -220,10 +228,53 @@ def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options
             else:
                 failures.append(f"{record['input']}: {record['error']}")
                 shown.write(f"adaptbir-ray: {failures[-1]}")
-            shown.finished(Path(record["input"]).name, record["status"], record["wall_s"])
+            shown.finished(Path(record["input"]).name, outcome(record), record["wall_s"])
         shown.close()
-        return finish_batch(done, skipped, failures, inputs, settings.out,
-                            stop.signum is not None, stop.signum or signal.SIGINT)
+        status = finish_batch(done, skipped, failures, inputs, settings.out,
+                              stop.signum is not None, stop.signum or signal.SIGINT)
+        if status and log.stat().st_size:
+            say(f"  Ray's own messages of this run: {log}")  # not printed on success; errors were
+        return status
+
+
+RAY_LOG = "ray.log"  # in OUTDIR, beside the report
+
+
+@contextmanager
+def ray_output_to(log: Path) -> Iterator[None]:
+    """Ray's own output during the job goes to `log`, this program's keeps the terminal: its C++ log lines
+    (written to file descriptor 2 by the driver's core worker), its Python loggers' records below ERROR and
+    its warnings. A run that succeeds then prints only its own lines; one that fails names the log. Ray's
+    errors (ERROR and above) still reach the terminal."""
+    with open(log, "a", encoding="utf-8") as sink:
+        terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
+        shown, show_warning, ray_logger = sys.stderr, warnings.showwarning, logging.getLogger("ray")
+        handlers, level = list(ray_logger.handlers), ray_logger.level
+        to_log, to_terminal = logging.StreamHandler(sink), logging.StreamHandler(terminal)
+        to_terminal.setLevel(logging.ERROR)
+        try:
+            sys.stderr = terminal  # Python writes (ours, the progress bars) keep the terminal
+            os.dup2(sink.fileno(), 2)  # fd 2: the C++ core worker's lines
+            ray_logger.handlers, ray_logger.level = [to_log, to_terminal], logging.INFO
+            warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sink.write(
+                warnings.formatwarning(message, category, filename, lineno, line))
+            yield
+        finally:
+            _disconnect_ray()
+            sys.stdout.flush()
+            os.dup2(terminal.fileno(), 2)
+            sys.stderr, warnings.showwarning = shown, show_warning
+            ray_logger.handlers, ray_logger.level = handlers, level
+            terminal.close()
+    if log.stat().st_size == 0:
+        log.unlink()
+
+
+def _disconnect_ray() -> None:
+    """Leave the cluster while Ray's output still goes to the log (at exit it would print to the terminal)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def _next(records, stop: StopSignals) -> dict[str, Any] | None:
@@ -284,18 +335,20 @@ def _run(job: _Job, items: list[dict[str, Any]], salt: bytes, shown: BatchProgre
 
     cluster, settings = job.cluster, job.settings
     ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
-             logging_level=logging.WARNING)
+             configure_logging=False)  # its loggers are set by ray_output_to
     stop.install()  # ray.init replaced the SIGTERM handler with one that ends the driver at once
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # progress is ours: one line or bar per image
     ray.data.DataContext.get_current().enable_progress_bars = False
     nodes = [(node["Resources"].get("CPU", 0.0), node["Resources"].get("memory", 0.0))
              for node in ray.nodes() if node["Alive"]]
     actors, claim = pool_size([cpus for cpus, _ in nodes], settings.threads, cluster.actors)
+    actors = min(actors, len(items))  # an actor per image at most: each more would load the engines for nothing
     needed = smallest_restore_bytes(job.manifest, settings, job.options)
     actors, memory = actor_memory(nodes, actors, claim, needed, job.options.memory_budget)
     if not settings.quiet:
-        shown.write(f"adaptbir-ray: {len(items)} images, {actors} actors × {settings.threads} threads (each "
-                    f"claiming {claim} CPUs and {memory / 2**30:.1f} GiB) on {len(nodes)} nodes"
+        shown.write(f"adaptbir-ray: {plural(len(items), 'image')}, {plural(actors, 'actor')} × "
+                    f"{plural(settings.threads, 'thread')} (each claiming {plural(claim, 'CPU')} and "
+                    f"{memory / 2**30:.1f} GiB) on {plural(len(nodes), 'node')}"
                     + (", shipping the engines to each node" if cluster.ship_engines else ""))
     # else every node sees the engines' path
     shipment = ship(settings.engines, job.manifest) if cluster.ship_engines else None

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-from adaptbir.runtime.arguments import DefaultsHelp, bytes_argument
+from adaptbir.runtime.arguments import DefaultsHelp, Parser, bytes_argument, redefine
 from adaptbir.runtime.batch import add_restore_arguments, restore_command
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.progress import say
+from adaptbir.runtime.signals import command
 
 
 def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptbir-ray", description="AdaptBIR on a Ray cluster")
+    parser = Parser(prog="adaptbir-ray", description="AdaptBIR on a Ray cluster")
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("restore", help="restore image files or directories with Ray Data", formatter_class=DefaultsHelp,
                        description="`adaptbir restore` as a Ray Data job: the same arguments and outputs; a re-run "
@@ -43,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--actors", type=int, help="restoring actors (default: the cluster's CPUs / --threads)")
     r.add_argument("--num-gpus-per-actor", type=float, default=0.0,
                    help="GPUs each actor claims (with --backend trt/ort-cuda/ort-trt on a GPU cluster)")
-    r.set_defaults(threads=1)
+    redefine(r, "--threads", default=1, help="CPU threads of each actor (ONNX Runtime or OpenVINO)")
     v = sub.add_parser("serve", help="an HTTP service (Ray Serve): POST /restore, GET /healthz, GET /info",
                        formatter_class=DefaultsHelp, description="Serve the engine directory over HTTP until Ctrl-C "
                        "(see adaptbir.serve.service for the API and adaptbir.serve.client for a client).")
@@ -110,6 +111,7 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

@@ -62,6 +62,22 @@ def _export(*args: str):
     return build
 
 
+@pytest.fixture(scope="module")
+def tiny_state(reference):
+    """The golden tiny stage-3 checkpoint's tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(reference / "tiny_stage3.safetensors")
+
+
+@pytest.fixture(scope="module")
+def musiq_state(reference):
+    """The golden random MUSIQ weights' tensors."""
+    from safetensors.torch import load_file
+
+    return load_file(reference / "musiq_random.safetensors")
+
+
 @pytest.fixture(scope="session")
 def tiny_engines(reference, tmp_path_factory) -> Path:
     """fp32 engine directory exported from the golden tiny weights (built once per run)."""

@@ -170,7 +170,7 @@ def test_a_stop_signal_mid_batch_leaves_whole_outputs_records_and_a_summary(micr
     outputs = sorted(p.name for p in out.glob("*.png"))
     assert batch.returncode == 128 + signum, err[-3000:]
     name = signal.Signals(signum).name
-    summary = f"interrupted after {len(outputs)}, skipped 0, failed 0 of 8 input(s) -> {out} ({name})"
+    summary = f"interrupted after {len(outputs)}, skipped 0, failed 0 of 8 inputs -> {out} ({name})"
     assert [line for line in err.splitlines() if line.startswith("interrupted")] == [summary], err[-3000:]
     assert 1 <= len(outputs) < 8 and all(read_image(out / o).rgb.shape == (64, 64, 3) for o in outputs)
     records = _records(report)
@@ -220,7 +220,7 @@ def test_a_stop_signal_lets_a_write_finish_and_abandons_a_restore(micro_engines,
     statuses = {"write": ["ok"], "restore": ["ok", "interrupted"]}[where]
     assert [r["status"] for r in _records(report)] == statuses
     assert _everything(out) == ["a.png"] and read_image(out / "a.png").rgb.shape == (24, 24, 3)
-    assert f"interrupted after 1, skipped 0, failed 0 of 3 input(s) -> {out} ({signal.Signals(signum).name})" \
+    assert f"interrupted after 1, skipped 0, failed 0 of 3 inputs -> {out} ({signal.Signals(signum).name})" \
         in run.stderr
 
 
@@ -371,7 +371,7 @@ def test_special_files_are_named_and_never_opened(micro_engines, tmp_path, monke
                 assert any(name in line and f"is a {kind}, not a regular file" in line for line in lines), (name, lines)
             assert writer.is_alive()
         assert _everything(Path("out")) == ["ok.png"]  # restored
-        assert run.stdout.startswith("in/ok.png: processing")  # planned
+        assert run.stdout.startswith("in/ok.png: 24×24 → 512×512")  # planned
         monkeypatch.setattr(atomic, "file_kind", lambda path: None)  # as if the stat had seen a regular file
         refused = []
         opening = threading.Thread(target=lambda: refused.append(_refusal(Path("in") / "walked.png")), daemon=True)
@@ -419,7 +419,7 @@ def test_control_characters_in_names_never_reach_a_line_raw(micro_engines, tmp_p
     lines = err.splitlines()
     assert all(re.match(r"(\[[123]/3\] |adaptbir: |restored |  failed: )", line) for line in lines), lines
     assert [line for line in lines if line.startswith("restored ")] == [
-        f"restored 2, skipped 0, failed 1 of 3 input(s) -> {tmp_path / 'out'}"]
+        f"restored 2, skipped 0, failed 1 of 3 inputs -> {tmp_path / 'out'}"]
     assert len([line for line in lines if line.startswith("  failed: ")]) == 1
     for escaped in ("evil\\nrestored 9", "\\x1b[2J", "nothing\\x1b]0;owned\\x07\\u202e", "raw\\xff\\x85"):
         assert escaped in err, escaped

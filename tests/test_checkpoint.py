@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from adaptbir.export.checkpoint import (
     IGNORED_DENOISE_COPY,
@@ -24,16 +24,6 @@ from adaptbir.export.checkpoint import (
 from adaptbir.export.config import load_config
 from adaptbir.runtime.errors import CheckpointError
 from adaptbir.runtime.memory import rss_bytes
-
-
-@pytest.fixture(scope="module")
-def tiny_state(reference):
-    return load_file(reference / "tiny_stage3.safetensors")
-
-
-@pytest.fixture(scope="module")
-def musiq_state(reference):
-    return load_file(reference / "musiq_random.safetensors")
 
 
 def _same_weights(a, b) -> bool:

@@ -160,6 +160,32 @@ def test_formats_and_options(micro_engines, tmp_path):
     assert image.format == "WEBP" and image.size == (512, 512)
 
 
+def test_format_same_keeps_each_inputs_kind_and_jpeg_is_a_name(micro_engines, tmp_path, monkeypatch):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", "b.JPG", "c.webp", "d.tif", "e.bmp"):
+        Image.fromarray(_photo(24, 32)).save(folder / name)
+    common = ["--engines", str(micro_engines), "--score", "50", *STEPS]
+    monkeypatch.chdir(tmp_path)  # relative paths given; the report names both ends absolute
+    assert main(["restore", "in", "-o", "same", "--format", "same", "--report", "r.jsonl", *common]) == 0
+    kinds = {p.name: Image.open(p).format for p in (tmp_path / "same").iterdir() if p.suffix != ".jsonl"}
+    assert kinds == {"a.png": "PNG", "b.jpg": "JPEG", "c.webp": "WEBP", "d.tif": "TIFF", "e.png": "PNG"}
+    for record in _records(tmp_path / "r.jsonl"):
+        assert Path(record["input"]).is_absolute() and Path(record["output"]).is_absolute(), record
+        assert Path(record["input"]).parent == folder
+    assert main(["restore", "in/a.png", "-o", "jpeg", "--format", "jpeg", *common]) == 0
+    assert Image.open(tmp_path / "jpeg" / "a.jpg").format == "JPEG"
+
+
+def test_a_file_given_as_the_engine_directory_is_named(micro_engines, tmp_path, capsys):
+    Image.fromarray(_photo(16, 16)).save(tmp_path / "a.png")
+    rc = main(["restore", str(tmp_path / "a.png"), "-o", str(tmp_path / "o"), "--engines",
+               str(micro_engines / "unet.onnx"), *STEPS])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.endswith(f"is a regular file inside an engine directory; give the directory: "
+                                    f"{micro_engines}"), err
+
+
 def test_unknown_backend_is_a_usage_error(micro_engines, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["restore", str(tmp_path), "-o", str(tmp_path / "o"), "--engines", str(micro_engines),
@@ -178,6 +204,7 @@ def test_unavailable_backend_is_one_line(micro_engines, tmp_path, capsys):
 def test_info_prints_the_manifest(tiny_engines, capsys):
     assert main(["info", str(tiny_engines)]) == 0
     printed = capsys.readouterr().out
+    assert "..4289: the range the TensorRT profile serves (trt; " in printed  # what the token range binds
     for fragment in ("preset tiny", "precision         fp32", "has_csft=yes", "unet", "musiq", "x[B, 4, h, w]"):
         assert fragment in printed, fragment
 
@@ -195,7 +222,9 @@ def test_progress_without_a_terminal_is_plain_lines_per_stage(micro_engines, tmp
                                                               "sampling, 9 tiles"], lines
     assert lines[3].startswith("[1/1] a.png: step 1/3, first step ")
     assert lines[4].startswith("[1/1] a.png: step 3/3, ") and lines[4].endswith(" s/step, eta 0 s")
-    assert lines[5].endswith("decoding, 9 tiles") and lines[6].startswith("[1/1] a.png: ok (") and len(lines) == 7
+    assert lines[5].endswith("decoding, 9 tiles") and len(lines) == 7
+    assert lines[6].startswith("[1/1] a.png: ok, 64×64 → 512×512 (W×H; short side raised to 512, as the paper does; "
+                               "written 64×64) (")  # the sizes and why they change, on the image's own line
     assert main([*args, "-o", str(tmp_path / "q"), "--quiet"]) == 0
     assert "[1/1]" not in capsys.readouterr().err  # warnings and the summary only
 

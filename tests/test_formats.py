@@ -107,7 +107,7 @@ def test_a_folder_walk_names_every_file_it_passes_over(micro_engines, tmp_path, 
     err = capsys.readouterr().err
     assert rc == 0, err  # files that are not images do not fail the batch; they are named
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ok.png", "photo.png"]
-    assert "restored 2, skipped 0, failed 0 of 2 input(s), 4 files not an image" in err
+    assert "restored 2, skipped 0, failed 0 of 2 inputs, 4 files not an image" in err
     assert "  not an image: scan.pdf (PDF document; export its pages as PNG first" in err
     assert "  not an image: IMG_1.heic, IMG_2.heic (HEIC photo; convert it to PNG or JPEG first" in err
     assert "  not an image: notes.txt (not an image (unrecognised content))" in err

@@ -181,7 +181,7 @@ def test_musiq_chain_matches_the_golden_scores(pipeline, golden, parity, image):
     parity(f"runtime musiq chain score {image}", [pipeline.score(u8)], g[f"score_{image}"], 1e-5)
 
 
-TILED_MIN_PSNR_DB = 20.0  # measured (README, "Size, memory and tiling"); random tiny weights make noisy pictures
+TILED_MIN_PSNR_DB = 20.0  # measured (docs/memory.md, "Size, memory and tiling"): random tiny weights, noisy pictures
 
 
 def test_1024x768_untiled_by_default_and_tiled_under_a_small_budget(pipeline):
@@ -219,7 +219,7 @@ assert sys.modules["torch"] is None
     assert (tmp_path / "out" / "in.png").is_file()
 
 
-LARGE_PEAK_RSS_MIB = 2048  # measured 1.0 GiB on micro, 1.07 on tiny (README, "Size, memory and tiling")
+LARGE_PEAK_RSS_MIB = 2048  # measured 1.0 GiB on micro, 1.07 on tiny (docs/memory.md, "Size, memory and tiling")
 
 
 def test_2048x1536_restores_tiled_within_a_memory_bound(micro_engines):

@@ -98,14 +98,19 @@ def test_plan_command(tiny_engines, tmp_path, capsys):
     rc = main(["plan", str(folder), "--engines", str(tiny_engines), "--memory-budget", "16G"])
     lines = capsys.readouterr().out.splitlines()
     assert rc == 0 and len(lines) == 2
-    assert "turned.jpg: processing 768×1024 (W×H)" in lines[0] and "untiled: its predicted peak fits" in lines[0]
-    assert "wide.png: processing 1024×768 (W×H)" in lines[1] and "961 MUSIQ tokens" in lines[1]
+    assert "turned.jpg: 768×1024 (W×H; processed at its own size)" in lines[0]
+    assert "untiled: its predicted peak fits" in lines[0]
+    assert "wide.png: 1024×768 (W×H; processed at its own size)" in lines[1] and "961 MUSIQ tokens" in lines[1]
     rc = main(["plan", str(folder / "wide.png"), str(tmp_path / "missing.png"), "--engines", str(tiny_engines),
                "--memory-budget", "1G", "--score", "50", "--json"])
     first, second = map(json.loads, capsys.readouterr().out.splitlines())
     assert rc == 1
     assert first["tiled"] and first["tiles"] == 6 and first["musiq_tokens"] is None
     assert first["sizes"]["input"] == [768, 1024] and first["predicted_peak_gib"] <= 1.0
+    assert first["size_change"] == "1024×768 (W×H; processed at its own size)"
+    rc = main(["plan", str(folder / "wide.png"), "--engines", str(tiny_engines), "--sr-scale", "0.25"])
+    assert rc == 0 and ("wide.png: 1024×768 → 683×512 (W×H; sr_scale 0.25; short side raised to 512, as the paper "
+                        "does; written 256×192)") in capsys.readouterr().out
     assert second == {"input": str(tmp_path / "missing.png"), "error": "file not found; check the path"}
 
 
@@ -213,7 +218,7 @@ MEASURED_SD21 = [
 
 @pytest.mark.parametrize(("backend", "precision", "size", "tile", "measured"), MEASURED_TINY)
 def test_tiny_predictions_within_20_percent_of_measured(manifest, backend, precision, size, tile, measured):
-    """What README.md claims: the plan within ±20 % of measured peaks, OpenVINO as ONNX Runtime (OpenVINO's were
+    """What docs/memory.md claims: the plan within ±20 % of measured peaks, OpenVINO as ONNX Runtime (OpenVINO's were
     +73 to +190 % with ONNX Runtime's activation terms)."""
     predicted = _plan(manifest, *size, backend=backend, precision=precision, tile_size=tile).peak_bytes / MiB
     assert abs(predicted / measured - 1) <= 0.2, (predicted, measured)
