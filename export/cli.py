@@ -104,7 +104,7 @@ def _check_memory(args, config):
 
 
 def _build(args) -> None:
-    from adaptbir.runtime.memory import GiB, peak_rss_bytes
+    from adaptbir.runtime.memory import GiB, peak_with_children
 
     from .build import WeightSource, build
     from .config import load_config
@@ -117,8 +117,9 @@ def _build(args) -> None:
     built = build(config, source, args.out, precision=args.precision, context_file=args.context, seed=args.seed,
                   n_max=args.musiq_n_max, int8=_int8_options(args) if args.precision == "int8" else None)
     print(summary_table(built.manifest))
+    peak, where = peak_with_children()
     print(f"engine directory {args.out} ready in {time.perf_counter() - started:.1f} s "
-          f"(peak memory {peak_rss_bytes() / GiB:.2f} GiB, predicted {memory.total / GiB:.2f} GiB)")
+          f"(peak memory {peak / GiB:.2f} GiB, {where}; predicted {memory.total / GiB:.2f} GiB)")
 
 
 def _int8_options(args) -> Int8Options:

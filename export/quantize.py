@@ -39,6 +39,7 @@ from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GRAPHS
 from adaptbir.runtime.image_io import read_image
 from adaptbir.runtime.manifest import FileRecord, GraphEntry, Manifest
+from adaptbir.runtime.memory import note_joint_peak, peak_rss_bytes, rss_bytes
 from adaptbir.runtime.metrics import output_errors, psnr, psnr_over_range
 
 
@@ -236,30 +237,29 @@ def quantize_graph(source: Path, target: Path, feeds: list[dict[str, np.ndarray]
                    ) -> dict[str, Any]:
     """`source` → a QDQ int8 graph at `target` (its weights in `target`.data when the source had external
     data); returns what stayed float: the op types never quantized and the `scheme.ops` nodes kept float (count
-    by op type, and names). ONNX Runtime's quantizer holds several copies of the model at once (the graph, its
-    augmented copy, a calibration session, the quantized graph): it runs in a child process, whose memory goes
-    back to the system when it ends."""
+    by op type, and names). ONNX Runtime's quantizer holds several copies of the model at once: calibration
+    (the graph augmented with range outputs and a session running it) and quantization (the graph and its
+    quantized copy) each run in their own child process, the ranges passing between them in ONNX Runtime's
+    calibration cache, so the peak is the larger of the two, not their sum, and goes back to the system."""
     import onnx
 
     graph = onnx.load(str(source), load_external_data=False).graph
     kept = scheme.float_nodes(graph)
-    in_child_process(_quantize_static, source, target, feeds, scheme.ops, kept)
+    external = any(source.parent.glob(f"{source.name}.data")) or source.stat().st_size > 2**30
+    with tempfile.TemporaryDirectory(prefix=".calibrate-", dir=target.parent) as scratch:
+        ranges = Path(scratch) / "ranges.json"
+        in_child_process(_calibrate, source, ranges, feeds, scheme.ops, external)
+        in_child_process(_quantize_static, source, target, ranges, scheme.ops, kept, external)
     ops = {n.name: n.op_type for n in graph.node}
     written = onnx.load(str(target), load_external_data=False).graph
     never = {n.op_type for n in written.node} - set(scheme.ops) - {"QuantizeLinear", "DequantizeLinear"}
     return {"ops": sorted(never), "nodes": dict(Counter(ops[name] for name in kept)), "names": sorted(kept)}
 
 
-def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarray]], ops: tuple[str, ...],
-                     kept: list[str]) -> None:
-    import onnx
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+def _calibrate(source: Path, ranges: Path, feeds: list[dict[str, np.ndarray]], ops: tuple[str, ...],
+               external: bool) -> None:
+    """The activation ranges of `ops`' inputs and outputs over `feeds` (min/max), saved to `ranges`."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, create_calibrator, save_tensors_data
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -268,47 +268,64 @@ def _quantize_static(source: Path, target: Path, feeds: list[dict[str, np.ndarra
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    external = any(source.parent.glob(f"{source.name}.data")) or source.stat().st_size > 2**30
+    calibrator = create_calibrator(source, list(ops), augmented_model_path=str(ranges.with_name("augmented.onnx")),
+                                   calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
+    calibrator.collect_data(Reader())
+    save_tensors_data(calibrator.compute_data(), ranges)
+
+
+def _quantize_static(source: Path, target: Path, ranges: Path, ops: tuple[str, ...], kept: list[str],
+                     external: bool) -> None:
+    """The QDQ graph of `source` with the calibrated `ranges` (ONNX Runtime's cache: no calibration here)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
     logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process: the graphs are already optimised
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=target.parent) as scratch:
         written = Path(scratch) / target.name
-        quantize_static(str(source), str(written), Reader(), quant_format=QuantFormat.QDQ,
+        quantize_static(str(source), str(written), None, quant_format=QuantFormat.QDQ,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True,
                         op_types_to_quantize=list(ops), nodes_to_exclude=kept,
-                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external)
+                        calibrate_method=CalibrationMethod.MinMax, use_external_data_format=external,
+                        calibration_cache_path=ranges)
         model = onnx.load(str(written))  # external data read back in: saved again under the directory's names
     _save(model, target, external)
 
 
 def in_child_process(function: Callable[..., None], *args: Any) -> None:
     """`function(*args)` in a fresh (spawned) Python process; its exception comes back as a QuantizationError
-    with its message. However the call ends — a stop signal in this process included — the child is ended."""
+    with its message. However the call ends — a stop signal in this process included — the child is ended.
+    The child's peak RSS, on top of what this process held meanwhile, is noted (`note_joint_peak`): this
+    process's own peak does not see it."""
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
     receive, send = context.Pipe(duplex=False)
     child = context.Process(target=_child_main, args=(send, function, args), daemon=True)
+    held = rss_bytes() or 0
     child.start()
     send.close()
     try:
         child.join()
-        failure = receive.recv() if receive.poll() else f"the process ended with status {child.exitcode}"
+        failure, peak = receive.recv() if receive.poll() else (f"the process ended with status {child.exitcode}", 0)
     finally:
         if child.is_alive():
             child.terminate()
             child.join()
         receive.close()
+    note_joint_peak(held + peak, f"{getattr(function, '__name__', 'a child')} in a child process")
     if failure:
         raise QuantizationError(f"{getattr(function, '__name__', 'the call')} failed: {failure}")
 
 
 def _child_main(send, function: Callable[..., None], args: tuple) -> None:
+    failure = ""
     try:
         function(*args)
-        send.send("")
     except BaseException as err:  # the parent says what failed, in one line
-        send.send(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        failure = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     finally:
+        send.send((failure, peak_rss_bytes()))
         send.close()
 
 

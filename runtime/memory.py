@@ -31,6 +31,20 @@ def peak_rss_bytes() -> int:
     return (kib if kib is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+_JOINT_PEAKS: dict[str, int] = {}  # a child process's peak + what its parent held meanwhile, by what it ran
+
+
+def note_joint_peak(nbytes: int, what: str) -> None:
+    """Note what this process and a child it waited for held together at most (the child's peak RSS plus this
+    process's RSS when it started it): `peak_with_children` counts it."""
+    _JOINT_PEAKS[what] = max(nbytes, _JOINT_PEAKS.get(what, 0))
+
+
+def peak_with_children() -> tuple[int, str]:
+    """(bytes, what set it): the larger of this process's peak RSS and the noted joint peaks with children."""
+    return max([(peak_rss_bytes(), "this process"), *((n, what) for what, n in _JOINT_PEAKS.items())])
+
+
 def rss_bytes() -> int | None:
     kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024

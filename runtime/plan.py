@@ -133,13 +133,24 @@ def _openvino_stages(manifest: Manifest, backend: Backend, precision: str, padde
         held += int(OPENVINO_COMPILED_SHARES[stage] * backend.runtime_bytes)  # the compiled models, stage by stage
         size = window if all(GRAPHS[name].tiled for name in names) else whole
         if stage == "musiq":
-            call = openvino_musiq_bytes(tokens, padded[0] * padded[1])
+            call = musiq_call_bytes(manifest, backend.name, tokens, padded)
         elif stage == "sample":
             call = openvino_unet_call_bytes(hyperparameters["unet"], *size, precision)
         else:
             call = openvino_vae_call_bytes(hyperparameters["vae"], *size, precision, decoder=stage == "decode")
         stages[stage] = held + call
     return stages
+
+
+def musiq_call_bytes(manifest: Manifest, backend: str, tokens: int, padded: tuple[int, int]) -> int:
+    """One MUSIQ call's memory beyond what the process held, on `backend`, for a `padded` image: ONNX
+    Runtime's unfused attention grows with the tokens' square, OpenVINO's fused attention linearly
+    (runtime/memory.py). The plan and the check before MUSIQ runs (`Stages.check_musiq_fits`) ask here."""
+    if describe(backend).runtime is Runtime.OPENVINO:
+        return openvino_musiq_bytes(tokens, padded[0] * padded[1])
+    factor = manifest.latent.downsample_factor
+    return GRAPHS["musiq"].call_bytes(manifest.hyperparameters, padded[0] // factor, padded[1] // factor,
+                                      tokens=tokens)
 
 
 def musiq_tokens(manifest: Manifest, backend: str, padded: tuple[int, int]) -> int:

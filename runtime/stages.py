@@ -20,9 +20,9 @@ from .backends import Engines
 from .colorfix import color_fix as apply_color_fix
 from .errors import InputError
 from .gating import Gate, gate
-from .memory import GiB, available_bytes, musiq_bytes
+from .memory import GiB, available_bytes
 from .musiq_patches import batch_feeds, extract_tokens
-from .plan import RestorePlan, musiq_tokens, plan_image, plan_restore
+from .plan import RestorePlan, musiq_call_bytes, musiq_tokens, plan_image, plan_restore
 from .preprocess import Geometry, to_uint8
 from .sampler import NoiseSource, SamplerStep, Schedule, StepCallback, sample
 from .tiling import Tile, blend
@@ -90,17 +90,18 @@ class Stages:
         if not self.engines.has("musiq"):
             raise InputError("this engine directory has no MUSIQ graph: give the score (--score S)")
         h, w = padded_u8.shape[:2]
-        self.check_musiq_fits(musiq_tokens(self.manifest, self.engines.backend, (h, w)), h * w)
+        self.check_musiq_fits(musiq_tokens(self.manifest, self.engines.backend, (h, w)), (h, w))
         tokens = extract_tokens(padded_u8, self.manifest.musiq.longer_side_lengths)
         (score,) = self.engines.run("musiq", batch_feeds([tokens]), timings.engine if timings else None)
         return float(score[0])
 
-    def check_musiq_fits(self, tokens: int, pixels: int) -> None:
-        """On a backend whose memory is predicted, MUSIQ's attention (it grows with the tokens' square) must
-        fit in what this process can still allocate (the token limit is `plan.musiq_tokens`')."""
+    def check_musiq_fits(self, tokens: int, padded: tuple[int, int]) -> None:
+        """On a backend whose memory is predicted, one MUSIQ call (as the plan predicts it on this backend)
+        must fit in what this process can still allocate (the token limit is `plan.musiq_tokens`')."""
         if not describe(self.engines.backend).predicts_memory:
             return
-        need, available = musiq_bytes(tokens, pixels, self.manifest.hyperparameters["musiq"]), available_bytes()
+        need = musiq_call_bytes(self.manifest, self.engines.backend, tokens, padded)
+        available = available_bytes()
         if available is not None and need > available:
             raise InputError(f"MUSIQ on this image needs about {need / GiB:.1f} GiB ({tokens} tokens; attention "
                              f"grows with their square), {available / GiB:.1f} GiB are available; give the score "

@@ -117,11 +117,15 @@ def actor_memory(nodes: list[tuple[float, float]], actors: int, claim: float, ne
 
 
 def smallest_restore_bytes(manifest: Manifest, settings: BatchSettings, options: RestoreOptions) -> int:
-    """Predicted peak of restoring a 512×512 image with these options: what any actor must be allowed."""
+    """Predicted peak of restoring a 512×512 image with these options: what any actor must be allowed. The
+    precision is the one the actors compute in (OpenVINO: bf16 where the CPU has it), as `adaptbir plan` asks,
+    so an fp16 directory's weights are counted as OpenVINO holds them, not as ONNX Runtime would."""
+    from adaptbir.runtime.backends import cpu_precision
     from adaptbir.runtime.plan import plan_image
 
+    precision = cpu_precision(settings.backend, settings.cpu_precision)
     plan = plan_image(manifest, (512, 512), replace(options, tile_size=0), backend=settings.backend,
-                      precision=settings.cpu_precision)
+                      precision=precision)
     return plan.peak_bytes
 
 

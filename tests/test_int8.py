@@ -146,3 +146,42 @@ def test_ssim():
     assert ssim(image, noisy[10]) > ssim(image, noisy[25]) > ssim(image, noisy[50])
     var, c2 = (128**2 - 1) / 12, (0.03 * 255) ** 2
     assert ssim(image, noisy[25]) == pytest.approx((2 * var + c2) / (2 * var + 25**2 + c2), abs=0.03)
+
+
+def test_calibrating_and_quantizing_apart_gives_ort_s_one_call_graph(micro_engines, tmp_path):
+    """The quantizer runs as two processes (calibration, then quantization from ONNX Runtime's calibration
+    cache) to halve its peak memory: the graph is the one `quantize_static` writes in one call."""
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    from adaptbir.export.quantize import SCHEMES, quantize_graph, record_feeds
+
+    pipeline = Pipeline.from_engines(micro_engines)
+    photos = [(f"p{i}", np.asarray(Image.fromarray(_noise(48, 64, i)))) for i in range(2)]
+    feeds = record_feeds(pipeline, photos, steps=2, seed=0, progress=lambda line: None)["unet"]
+    scheme = SCHEMES["conv"]
+    quantize_graph(micro_engines / "unet.onnx", tmp_path / "apart.onnx", feeds, scheme)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter(feeds)
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    quantize_static(str(micro_engines / "unet.onnx"), str(tmp_path / "one.onnx"), Reader(),
+                    quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    per_channel=True, op_types_to_quantize=list(scheme.ops), calibrate_method=CalibrationMethod.MinMax)
+    apart, one = (onnx.load(str(tmp_path / f"{name}.onnx")).graph for name in ("apart", "one"))
+    assert [n.op_type for n in apart.node] == [n.op_type for n in one.node]
+    assert {t.name: t.raw_data for t in apart.initializer} == {t.name: t.raw_data for t in one.initializer}
+
+
+def _noise(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)

@@ -165,3 +165,24 @@ def test_every_shape_is_compiled_from_one_prepared_model(micro_engines, monkeypa
         latent = np.zeros((1, 4, size // 8, size // 8), np.float32)
         engines.run("decoder", {"latent": latent})
     assert len(engines.sessions["decoder"]._compiled) == 2 and len(prepared) == 1
+
+
+def test_ray_actors_claim_what_openvino_holds_of_an_fp16_directory(tiny_fp16):
+    """adaptbir-ray sizes each actor by the plan of a 512×512 restore in the precision OpenVINO computes in (as
+    `adaptbir plan` does), not the directory's: an fp16 directory's weights by OpenVINO's bf16/fp16 factor."""
+    from pathlib import Path
+
+    from adaptbir.runtime.backends import cpu_precision
+    from adaptbir.runtime.batch import BatchSettings
+    from adaptbir.runtime.manifest import load_manifest
+    from adaptbir.runtime.options import RestoreOptions
+    from adaptbir.runtime.plan import plan_image
+    from adaptbir.serve.batch import smallest_restore_bytes
+
+    manifest = load_manifest(tiny_fp16)
+    settings = BatchSettings(inputs=(), out=Path("out"), engines=tiny_fp16, backend="openvino")
+    claimed = smallest_restore_bytes(manifest, settings, RestoreOptions())
+    options = RestoreOptions(tile_size=0)
+    computed = cpu_precision("openvino", None)
+    assert claimed == plan_image(manifest, (512, 512), options, backend="openvino", precision=computed).peak_bytes
+    assert claimed != plan_image(manifest, (512, 512), options, backend="openvino", precision="fp16").peak_bytes

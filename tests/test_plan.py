@@ -242,3 +242,14 @@ def test_openvino_restore_peak_as_planned(tiny_engines):
                          capture_output=True, text=True, check=True).stdout
     peak, predicted = (float(re.search(rf"{word}\s+(\d+) MiB", out).group(1)) for word in ("peak", "predicted"))
     assert abs(predicted / peak - 1) <= 0.25, out
+
+
+def test_the_musiq_check_before_a_call_predicts_as_the_plan_does_per_backend(manifest):
+    """OpenVINO fuses MUSIQ's attention (linear in the tokens), ONNX Runtime does not (their square): the check
+    that refuses an image before MUSIQ runs asks the same function as the plan, by backend."""
+    from adaptbir.runtime.plan import musiq_call_bytes
+
+    padded, tokens = (2112, 2112), 4549
+    ort, ov = (musiq_call_bytes(manifest, backend, tokens, padded) for backend in ("ort-cpu", "openvino"))
+    assert ort == memory.musiq_bytes(tokens, padded[0] * padded[1], manifest.hyperparameters["musiq"])
+    assert ov == memory.openvino_musiq_bytes(tokens, padded[0] * padded[1]) and ov < ort / 3
