@@ -127,7 +127,8 @@ def _int8_options(args) -> Int8Options:
         if not 2 <= getattr(args, name) <= 1000:
             raise AdaptBIRError(f"--{name.replace('_', '-')} must be from 2 to 1000, not {getattr(args, name)}")
     floors = Floors(args.gate_min_eps_psnr, args.gate_min_psnr, args.gate_min_ssim, args.gate_max_musiq_shift)
-    return Int8Options(args.calibration, args.int8_scheme, args.calibration_steps, args.gate_steps, floors, args.seed)
+    return Int8Options(args.calibration, args.int8_scheme, args.calibration_steps, args.gate_steps, floors, args.seed,
+                       check_memory=not args.ignore_memory_check)
 
 
 def summary_table(manifest: Manifest) -> str:

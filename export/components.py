@@ -36,6 +36,10 @@ class TorchGraph:
     reference: Callable[[AdaptBIR], nn.Module] | None = None  # parity's, when the exported module is rewritten
     attention_heads_at_once: int | None = None  # recorded in the manifest for the runtime's memory model
     present: Callable[[AdaptBIR], bool] = lambda model: True  # a checkpoint without the part has no graph
+    # The exporter's working set beyond the weights while it traces the graph on its sample (the forward's
+    # activations, the traced graph, constant folding): measured on the tiny build, whose weights are a few MB
+    # (export/memory.py; benchmarks/README.md, "Build memory").
+    tracing_bytes: int = 0
 
 
 def _encoders(model: AdaptBIR) -> tuple[nn.Module, ...]:
@@ -49,13 +53,15 @@ def _folded_musiq(model: AdaptBIR) -> nn.Module:
     return MusiqGraph(folded)
 
 
+MiB = 2**20
 TORCH: dict[str, TorchGraph] = {
-    "dual_encoder": TorchGraph(DualEncoderGraph, _encoders),
+    "dual_encoder": TorchGraph(DualEncoderGraph, _encoders, tracing_bytes=200 * MiB),
     "unet": TorchGraph(UNetGraph, lambda m: (m.unet, m.controlnet, m.vae.post_quant_conv),
-                       attention_heads_at_once=1),  # self-attention one head at a time (export/attention.py)
-    "decoder": TorchGraph(DecoderGraph, lambda m: (m.vae.decoder, m.vae.post_quant_conv)),
+                       attention_heads_at_once=1,  # self-attention one head at a time (export/attention.py)
+                       tracing_bytes=520 * MiB),
+    "decoder": TorchGraph(DecoderGraph, lambda m: (m.vae.decoder, m.vae.post_quant_conv), tracing_bytes=350 * MiB),
     "musiq": TorchGraph(_folded_musiq, lambda m: (m.musiq,), reference=lambda m: MusiqGraph(m.musiq),
-                        present=lambda m: m.musiq is not None),
+                        present=lambda m: m.musiq is not None, tracing_bytes=300 * MiB),
 }
 
 
@@ -68,6 +74,7 @@ class Component:
     full_size_sample: tuple[torch.Tensor, ...] | None = None  # batch 1 at FULL_SIZE_IMAGE (fp16 check)
     reference: nn.Module | None = None  # what parity compares against, when the exported module is rewritten
     attention_heads_at_once: int | None = None  # recorded in the manifest for the runtime's memory model
+    tracing_bytes: int = 0  # the exporter's working set beyond the weights (TorchGraph.tracing_bytes)
 
     @property
     def spec(self) -> GraphSpec:
@@ -120,5 +127,6 @@ def components(model: AdaptBIR, context: torch.Tensor, seed: int = 0) -> list[Co
         sample = _torch(graph.sample_feeds(rng, SAMPLE_IMAGE, graph.check_batch, ctx))
         full_size = None if graph.fp32_only else _torch(graph.sample_feeds(rng, FULL_SIZE_IMAGE, 1, ctx))
         out.append(Component(graph, side.module(model), side.parts(model), sample, full_size,
-                             side.reference(model) if side.reference else None, side.attention_heads_at_once))
+                             side.reference(model) if side.reference else None, side.attention_heads_at_once,
+                             side.tracing_bytes))
     return out

@@ -6,7 +6,9 @@ measured (`build.free_weights`), so its peak is the largest of these, on top of 
 * loading: every weight in fp32 (the text tower too, freed once the context is computed);
 * tracing and writing a graph: the weights still held, plus the graph's own copies while the exporter
   writes it (about 3x its weights for graphs the exporter keeps inline, under 2 GB; weights streamed one
-  tensor at a time above that);
+  tensor at a time above that), plus the exporter's working set on the graph's sample, which follows the
+  graph's operators rather than its weights (`TorchGraph.tracing_bytes`, measured on the tiny build: 0.5 GiB
+  of a 1.24 GiB peak there, when the model said 0.78);
 * torch's reference outputs: the weights still held, plus the activations (the attention scores dominate);
 * ONNX Runtime's parity run: the weights still held after freeing, plus the session. fp32 graphs take
   about their file size; fp16 graphs on the CPU take about 3.5x theirs, because ONNX Runtime has no fp16
@@ -78,7 +80,7 @@ def predict_build_memory(config: ModelConfig, precision: str, capabilities: Capa
         size = sum(_bytes(p) for p in component.parts)
         graph_precision = precision if component.fp16_allowed else "fp32"
         export = INLINE_EXPORT_COPIES * size if size < PROTOBUF_LIMIT else STREAM_OVERHEAD
-        phases[f"tracing {component.name}"] = held + int(export)
+        phases[f"tracing {component.name}"] = held + int(export) + component.tracing_bytes
         if component.graph.latent_attention:
             activations = max(_attention_bytes(sample)
                               for sample in component.check_samples(graph_precision).values())

@@ -34,12 +34,13 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from adaptbir.runtime.atomic import staged_directory
+from adaptbir.runtime.backend import describe
 from adaptbir.runtime.backends import release_freed_memory
 from adaptbir.runtime.errors import AdaptBIRError
 from adaptbir.runtime.graphs import GRAPHS
 from adaptbir.runtime.image_io import read_image
-from adaptbir.runtime.manifest import FileRecord, GraphEntry, Manifest
-from adaptbir.runtime.memory import note_joint_peak, peak_rss_bytes, rss_bytes
+from adaptbir.runtime.manifest import FileRecord, GraphEntry, Manifest, read_manifest
+from adaptbir.runtime.memory import GiB, available_bytes, note_joint_peak, peak_rss_bytes, rss_bytes
 from adaptbir.runtime.metrics import output_errors, psnr, psnr_over_range
 
 
@@ -447,6 +448,36 @@ class Int8Options:
     floors: Floors = Floors()
     seed: int = 0
     threads: int | None = None
+    check_memory: bool = True  # refuse before calibrating when the predicted peak exceeds the available memory
+
+
+# The larger of the quantizer's two child processes per byte of the graph file it reads, and the child's own
+# start: measured on the sd21 UNet (4.82 GiB with the ControlNet), calibration 12.2 GiB (the graph augmented
+# with a min/max output per calibrated tensor, and ONNX Runtime running it), quantization about 5 GiB
+# (benchmarks/README.md, "The sd21 int8 build").
+QUANTIZER_BYTES_PER_GRAPH_BYTE = 2.5
+QUANTIZER_CHILD_BYTES = 256 * 2**20
+
+
+def predict_int8_memory(manifest: Manifest, photos: list[tuple[str, np.ndarray]], held: int) -> dict[str, int]:
+    """The peak of each int8 phase, this process and its children together, from the fp32 directory and
+    the calibration photos, `held` being what this process holds now (libraries, the fp32 build's leftovers):
+    the restores of calibration and gate as the runtime plans them on ort-cpu (the gate holds the fp32 and
+    the int8 sessions at once; the int8 graphs counted at their fp32 size, an upper bound), each graph's
+    quantizer child by its file size."""
+    from adaptbir.runtime.memory import PROCESS_BYTES
+    from adaptbir.runtime.options import RestoreOptions
+    from adaptbir.runtime.plan import plan_image
+
+    restore = max(plan_image(manifest, rgb.shape[:2], RestoreOptions(), backend="ort-cpu").peak_bytes
+                  for _, rgb in photos) - PROCESS_BYTES
+    weights = describe("ort-cpu").weight_bytes(sum(manifest.graph_bytes(name) for name in manifest.graphs), "fp32")
+    phases = {"calibration restores": held + restore, "gate restores": held + restore + weights}
+    for name in manifest.graphs:
+        if not GRAPHS[name].fp32_only:
+            child = QUANTIZER_CHILD_BYTES + QUANTIZER_BYTES_PER_GRAPH_BYTE * manifest.graph_bytes(name)
+            phases[f"quantizing {name}"] = held + int(child)
+    return phases
 
 
 def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress: Callable[[str], None] = print
@@ -459,6 +490,7 @@ def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress
         raise QuantizationError(f"int8 scheme {options.scheme!r}: choose one of {', '.join(SCHEMES)}")
     calibration = calibration_photos(options.calibration)
     calibrate, held_out = calibration.split()
+    _check_int8_memory(read_manifest(fp32_dir), calibration.photos, options, progress)
     fp32 = Pipeline.from_engines(fp32_dir, threads=options.threads)
     progress(f"calibrating on {len(calibrate)} photos ({calibration.source}), {len(held_out)} held out")
     feeds = _checked_feeds(record_feeds(fp32, calibrate, options.calibration_steps, options.seed, progress))
@@ -493,6 +525,20 @@ def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress
                    "gate": {**gate.to_dict(), "steps": options.gate_steps, "seed": options.seed}}
         manifest = _int8_manifest(provisional, out.name, staging, entries, section).write(staging)
     return replace(manifest, directory=out)
+
+
+def _check_int8_memory(manifest: Manifest, photos, options: Int8Options, progress: Callable[[str], None]) -> None:
+    """Say the int8 phases' predicted peak, and refuse in one line before calibrating when it exceeds what the
+    system can still give (the fp32 graphs are built; nothing of the int8 directory is)."""
+    phases = predict_int8_memory(manifest, list(photos), rss_bytes() or 0)
+    phase = max(phases, key=phases.__getitem__)
+    progress(f"memory: int8 phases predicted peak {phases[phase] / GiB:.1f} GiB ({phase})")
+    available, held = available_bytes(), rss_bytes() or 0
+    if options.check_memory and available is not None and phases[phase] - held > available:
+        raise QuantizationError(f"the int8 phases need about {(phases[phase] - held) / GiB:.1f} GiB more memory at "
+                                f"their peak ({phase}), but only {available / GiB:.1f} GiB is available; close other "
+                                "programs, calibrate on fewer or smaller photos, or build on a larger machine "
+                                "(--ignore-memory-check builds anyway)")
 
 
 def _checked_feeds(feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, list[dict[str, np.ndarray]]]:

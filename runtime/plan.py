@@ -112,7 +112,13 @@ def predicted_stages(manifest: Manifest, backend: str, precision: str, padded: t
         size = (window or whole) if graph.tiled else whole
         calls[graph.stage] = graph.call_bytes(manifest.hyperparameters, *size, tokens=tokens,
                                               heads_at_once=entry.attention_heads_at_once)
-    return {stage: held + calls[stage] for stage in STAGES if stage in calls}
+    # The process's one ONNX Runtime arena keeps the blocks of its largest call (backends._share_cpu_arena): a
+    # stage holds the largest call so far, not only its own (measured: a tiled restore after an untiled MUSIQ).
+    stages, largest = {}, 0
+    for stage in (stage for stage in STAGES if stage in calls):
+        largest = max(largest, calls[stage])
+        stages[stage] = held + largest
+    return stages
 
 
 def _openvino_stages(manifest: Manifest, backend: Backend, precision: str, padded: tuple[int, int],

@@ -95,6 +95,29 @@ def test_a_floor_above_reach_refuses_and_keeps_the_previous_directory(micro_engi
     assert sorted(p.name for p in tmp_path.iterdir()) == ["engines", "photos"]  # no staging left behind
 
 
+def test_int8_phases_that_would_not_fit_are_refused_before_calibrating(micro_engines, photos, tmp_path,
+                                                                      monkeypatch):
+    """The int8 phases' peak (calibration and gate restores as the runtime plans them, each graph's quantizer
+    child by its file size) is said, and checked against the available memory before the first restore."""
+    import adaptbir.export.quantize as quantize
+
+    calibrated, said = [], []
+    monkeypatch.setattr(quantize, "record_feeds", lambda *args: calibrated.append(args))
+    monkeypatch.setattr(quantize, "available_bytes", lambda: 2**20)
+    options = Int8Options(photos(tmp_path / "photos", 3), calibration_steps=2, gate_steps=2)
+    refusal = (r"the int8 phases need about \d+\.\d GiB more memory at their peak "
+               r"\((calibration restores|gate restores|quantizing \w+)\), but only 0\.0 GiB")
+    with pytest.raises(QuantizationError, match=refusal):
+        quantize_directory(micro_engines, tmp_path / "out", options, progress=said.append)
+    assert not calibrated and not (tmp_path / "out").exists()
+    assert said[0].startswith("memory: int8 phases predicted peak ")
+    manifest = load_manifest(micro_engines)
+    phases = quantize.predict_int8_memory(manifest, [("a", np.zeros((512, 512, 3), np.uint8))], held=2**30)
+    assert set(phases) == {"calibration restores", "gate restores", "quantizing dual_encoder", "quantizing unet",
+                           "quantizing decoder"}
+    assert phases["gate restores"] > phases["calibration restores"] > 2**30
+
+
 def test_a_changed_int8_graph_is_refused_at_load(int8_engines, tmp_path):
     copied = tmp_path / "int8"
     shutil.copytree(int8_engines, copied)

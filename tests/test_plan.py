@@ -58,12 +58,20 @@ def test_budget_decides_tiling(manifest):
 
 def test_the_attention_term_follows_the_manifest(manifest):
     """Graphs written before the one-head-at-a-time attention hold every head's scores: 4 × the term."""
-    old = dataclasses.replace(manifest, graphs={**manifest.graphs, "unet": dataclasses.replace(
-        manifest.graphs["unet"], attention_heads_at_once=None)})
-    new_sample = _plan(manifest, 768, 1024, tile_size=0).stages["sample"]
-    old_sample = _plan(old, 768, 1024, tile_size=0).stages["sample"]
+    from adaptbir.runtime.graphs import GRAPHS
+
+    entry, unet = manifest.graphs["unet"], GRAPHS["unet"]
+    assert entry.attention_heads_at_once == 1
+    new = unet.call_bytes(manifest.hyperparameters, 96, 128, heads_at_once=entry.attention_heads_at_once)
+    old = unet.call_bytes(manifest.hyperparameters, 96, 128, heads_at_once=None)
     tokens = 96 * 128
-    assert old_sample - new_sample == UNET_ATTENTION_COPIES * (4 - 1) * tokens**2 * 4  # tiny: 4 heads at level 0
+    assert old - new == UNET_ATTENTION_COPIES * (4 - 1) * tokens**2 * 4  # tiny: 4 heads at level 0
+
+
+def test_a_stage_holds_the_largest_onnx_runtime_call_so_far(manifest):
+    """ONNX Runtime's one arena keeps its largest call's blocks: no stage is predicted below an earlier one."""
+    stages = list(_plan(manifest, 1024, 1536, tile_size=512).stages.values())
+    assert stages == sorted(stages)
 
 
 def test_too_large_fails_before_any_engine_runs(tiny_engines, monkeypatch):
@@ -252,4 +260,4 @@ def test_the_musiq_check_before_a_call_predicts_as_the_plan_does_per_backend(man
     padded, tokens = (2112, 2112), 4549
     ort, ov = (musiq_call_bytes(manifest, backend, tokens, padded) for backend in ("ort-cpu", "openvino"))
     assert ort == memory.musiq_bytes(tokens, padded[0] * padded[1], manifest.hyperparameters["musiq"])
-    assert ov == memory.openvino_musiq_bytes(tokens, padded[0] * padded[1]) and ov < ort / 3
+    assert ov == memory.openvino_musiq_bytes(tokens, padded[0] * padded[1]) and ov < ort
