@@ -440,9 +440,10 @@ def graph_parity(fp32, int8, name: str, feeds: list[dict[str, np.ndarray]], floo
 @dataclass(frozen=True)
 class Int8Options:
     calibration: Path | None = None
-    # conv, by measurement (tiny UNet step over fp32, same run; benchmarks/README.md, "int8 quantizers"): conv
-    # 0.84x on ort-cpu, 1.07x on OpenVINO bf16; hybrid 1.47x and 1.20x; full 2.0x and 8.3x. To re-check on sd21.
-    scheme: str = "conv"
+    # hybrid, by measurement on sd21 (benchmarks/README.md, "sd21 int8"; over fp32, same runs): UNet step on
+    # ort-cpu 0.50x (conv 0.61x); 10-step restore on OpenVINO 0.85x of bf16 (conv 0.92x); half conv's files.
+    # (The tiny UNet, bound by attention, had ranked conv first: "int8 quantizers".)
+    scheme: str = "hybrid"
     calibration_steps: int = 10
     gate_steps: int = 10
     floors: Floors = Floors()

@@ -100,7 +100,11 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
     Backend("ort-cpu", Device.CPU, "ONNX Runtime in the directory's precision, exact", Runtime.ONNX_RUNTIME,
             install="pip install adaptbir", providers=("CPUExecutionProvider",),
             weight_factors={"fp32": 1.05,
-                            "fp16": 3.5}),  # no fp16 kernels on the CPU: every weight becomes fp32 at load
+                            "fp16": 3.5,  # no fp16 kernels on the CPU: every weight becomes fp32 at load
+                            # Fitted on the peak of an sd21 hybrid int8 512x512 restore (3 254 MiB from 1 463 MiB
+                            # of graphs): 1.09 at load, the rest the QDQ decoder's activation copies, which the
+                            # fp32 activation terms do not count.
+                            "int8": 1.69}),
     Backend("openvino", Device.CPU, "OpenVINO, bf16 where the CPU has it", Runtime.OPENVINO,
             install=OPENVINO_EXTRA, missing=f"backend openvino needs OpenVINO: {OPENVINO_EXTRA}",
             cpu_precisions=CPU_PRECISIONS,
@@ -109,7 +113,10 @@ BACKENDS: dict[str, Backend] = {b.name: b for b in (
             # Fitted on the peaks of sd21 512x512 restores, bf16 and f32 from the fp32 and the fp16 directory (6 620,
             # 12 359, 6 638, 9 703 MiB; re-measured within 0.2 %), with the plan's OpenVINO terms (runtime/memory.py):
             # MUSIQ (fp32 in every directory, f32 on every backend) by the f32 factor, the other graphs by these.
-            weight_factors={"bf16": 1.04, "f32": 2.03, "bf16/fp16": 2.08, "f32/fp16": 3.08},
+            weight_factors={"bf16": 1.04, "f32": 2.03, "bf16/fp16": 2.08, "f32/fp16": 3.08,
+                            # An int8 directory (QDQ): the int8 source constants beside the plugin's compiled copy;
+                            # fitted on sd21 hybrid int8 512x512 restores (4 401 MiB int8+bf16, 4 569 int8+f32).
+                            "bf16/int8": 2.64, "f32/int8": 2.69},
             # The plugin's kernels and per-node state of the four compiled graphs beside their weights: fitted on the
             # tiny engines' peaks (20 MiB of weights; 316 MiB measured graph by graph, three quarters the UNet's).
             runtime_bytes=285 * 2**20),

@@ -28,14 +28,14 @@ from adaptbir.runtime.metrics import psnr
 from adaptbir.runtime.pipeline import Pipeline
 
 
-def test_the_default_scheme_is_conv_and_only_matmul_schemes_keep_nodes_float():
-    """conv is the default by measurement (tiny UNet, benchmarks/README.md); the test build runs hybrid, the
+def test_the_default_scheme_is_hybrid_and_only_matmul_schemes_keep_nodes_float():
+    """hybrid is the default by measurement (sd21, benchmarks/README.md); the test build runs it too: the
     scheme with the most machinery (attention MatMuls kept float by name)."""
     from adaptbir.export.cli import _parser
     from adaptbir.export.quantize import SCHEMES
 
     args = _parser().parse_args(["build", "--random-weights", "--precision", "int8", "--out", "x"])
-    assert args.int8_scheme == Int8Options.scheme == "conv"
+    assert args.int8_scheme == Int8Options.scheme == "hybrid"
     assert SCHEMES["conv"].float_nodes(None) == [] and SCHEMES["full"].float_nodes(None) == []
 
 

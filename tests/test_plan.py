@@ -148,9 +148,10 @@ def _sd21(manifest, precision="fp32"):
     /work/engines-sd21-fp32 and -fp16; MUSIQ stays fp32 in both)."""
     from adaptbir.export.config import load_config
 
-    sizes = ({"dual_encoder": 273358433, "unet": 5179857920, "decoder": 197969878, "musiq": 108754796}
-             if precision == "fp32" else
-             {"dual_encoder": 136869365, "unet": 2593768708, "decoder": 99094980, "musiq": 108754796})
+    sizes = {"fp32": {"dual_encoder": 273358433, "unet": 5179857920, "decoder": 197969878, "musiq": 108754796},
+             "fp16": {"dual_encoder": 136869365, "unet": 2593768708, "decoder": 99094980, "musiq": 108754796},
+             "int8": {"dual_encoder": 69063393, "unet": 1306557108, "decoder": 49928340, "musiq": 108754796},
+             }[precision]  # int8: the hybrid scheme's directory
     return dataclasses.replace(_with_bytes(manifest, **sizes), precision=precision,
                                hyperparameters=load_config("sd21").to_dict())
 
@@ -221,6 +222,9 @@ MEASURED_SD21 = [
     ("fp32", "openvino", "bf16", (512, 512), 6610), ("fp16", "openvino", "bf16", (512, 512), 6639),
     ("fp32", "openvino", "f32", (512, 512), 12340), ("fp16", "openvino", "f32", (512, 512), 9703),
     ("fp32", "openvino", "bf16", (768, 1024), 7420), ("fp32", "ort-cpu", None, (512, 512), 6722),
+    # a later session (the AMX Xeon), the hybrid int8 directory
+    ("int8", "ort-cpu", None, (512, 512), 3254), ("int8", "openvino", "bf16", (512, 512), 4401),
+    ("int8", "openvino", "f32", (512, 512), 4569),
 ]
 
 
