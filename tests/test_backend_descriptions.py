@@ -58,7 +58,10 @@ def test_measured_weight_factors():
     assert held(1000, "bf16", "fp16") == 2080 + plugin > held(1000, "f32", "fp32")
     assert held(1000, "f32", "fp16") == 3080 + plugin
     assert cpu.host_weight_bytes(1000, "fp16", "fp16") == 3500  # without a pair, the compute precision's factor
-    assert cpu.host_weight_bytes(1000, "int8") == 1050 == held(1000, "fp16") - plugin  # not measured
+    # int8 (QDQ) directories, fitted on sd21 restore peaks of the hybrid directory (benchmarks/README.md)
+    assert cpu.host_weight_bytes(1000, "int8") == 1690 and held(1000, "bf16", "int8") == 2640 + plugin
+    assert held(1000, "f32", "int8") - plugin == pytest.approx(2690, abs=1)
+    assert held(1000, "fp16") - plugin == 1050  # a precision not measured: about the graph files' size
     with pytest.raises(TypeError):
         cpu.weight_factors["fp32"] = 1.0  # a shared description cannot be changed by one caller
 
