@@ -244,22 +244,40 @@ def restore_on_ray(cluster: argparse.Namespace, settings: BatchSettings, options
 RAY_LOG = "ray.log"  # in OUTDIR, beside the report
 
 
+class _RayLog(logging.Handler):
+    """Ray's log records into the job's log, and those at ERROR and above to the terminal as well."""
+
+    def __init__(self, sink, terminal) -> None:
+        super().__init__(logging.INFO)
+        self.sink, self.terminal = sink, terminal
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s -- %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record) + "\n"
+        self.sink.write(line)
+        if record.levelno >= logging.ERROR:
+            self.terminal.write(line)
+
+
 @contextmanager
 def ray_output_to(log: Path) -> Iterator[None]:
     """Ray's own output during the job goes to `log`, this program's keeps the terminal: its C++ log lines
     (written to file descriptor 2 by the driver's core worker), its Python loggers' records below ERROR and
     its warnings. A run that succeeds then prints only its own lines; one that fails names the log. Ray's
-    errors (ERROR and above) still reach the terminal."""
+    errors (ERROR and above) still reach the terminal. `ray.init` empties the `ray` logger's handlers, which
+    leaves its records to `logging.lastResort`: both are routed here."""
+    import ray
+    import ray.data  # noqa: F401  (both configure their loggers when imported: done here, before ours are set)
+
     with open(log, "a", encoding="utf-8") as sink:
         terminal = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding, errors="backslashreplace")
         shown, show_warning, ray_logger = sys.stderr, warnings.showwarning, logging.getLogger("ray")
-        handlers, level = list(ray_logger.handlers), ray_logger.level
-        to_log, to_terminal = logging.StreamHandler(sink), logging.StreamHandler(terminal)
-        to_terminal.setLevel(logging.ERROR)
+        handlers, level, last_resort = list(ray_logger.handlers), ray_logger.level, logging.lastResort
+        routed = _RayLog(sink, terminal)
         try:
             sys.stderr = terminal  # Python writes (ours, the progress bars) keep the terminal
             os.dup2(sink.fileno(), 2)  # fd 2: the C++ core worker's lines
-            ray_logger.handlers, ray_logger.level = [to_log, to_terminal], logging.INFO
+            ray_logger.handlers, ray_logger.level, logging.lastResort = [routed], logging.INFO, routed
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sink.write(
                 warnings.formatwarning(message, category, filename, lineno, line))
             yield
@@ -267,7 +285,7 @@ def ray_output_to(log: Path) -> Iterator[None]:
             _disconnect_ray()
             sys.stdout.flush()
             os.dup2(terminal.fileno(), 2)
-            sys.stderr, warnings.showwarning = shown, show_warning
+            sys.stderr, warnings.showwarning, logging.lastResort = shown, show_warning, last_resort
             ray_logger.handlers, ray_logger.level = handlers, level
             terminal.close()
     if log.stat().st_size == 0:
@@ -276,8 +294,9 @@ def ray_output_to(log: Path) -> Iterator[None]:
 
 def _disconnect_ray() -> None:
     """Leave the cluster while Ray's output still goes to the log (at exit it would print to the terminal)."""
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
+    import ray
+
+    if ray.is_initialized():
         ray.shutdown()
 
 

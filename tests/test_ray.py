@@ -48,6 +48,11 @@ def test_batch_equals_the_local_cli_and_resumes(micro_engines, tmp_path):
     first = _ray(str(tmp_path / "in"), "-o", str(out), "--engines", str(micro_engines), "--actors", "1", *OPTIONS)
     assert first.returncode == 1, first.stderr[-3000:]
     assert f"restored {good}, skipped 0, failed 2 of 12" in first.stderr
+    # Ray's own output (its token notice, the core worker's C++ lines, Ray Data's warnings) is in OUTDIR/ray.log,
+    # named because the run failed; none of it on the terminal
+    noise = [word for word in ("Token authentication", "core_worker", "UserWarning", "WARNING") if word in first.stderr]
+    assert not noise and f"Ray's own messages of this run: {out / 'ray.log'}" in first.stderr, first.stderr[-3000:]
+    assert (out / "ray.log").stat().st_size > 0
     records = [json.loads(line) for line in (out / "report.jsonl").read_text().splitlines()]
     dispatched = [r for r in records if r["status"] == "dispatched"]  # each named before any actor wrote it
     assert len(dispatched) == 12 and records[:12] == dispatched
