@@ -49,8 +49,7 @@ def timing_table(timings: dict[str, float], steps: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = Parser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=DefaultsHelp)
+    parser = Parser(prog="python -m adaptbir.demo", description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     parser.add_argument("--steps", type=int, default=50, help="sampling steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the noise")
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores)")

@@ -531,10 +531,11 @@ def quantize_directory(fp32_dir: Path, out: Path, options: Int8Options, progress
 def _check_int8_memory(manifest: Manifest, photos, options: Int8Options, progress: Callable[[str], None]) -> None:
     """Say the int8 phases' predicted peak, and refuse in one line before calibrating when it exceeds what the
     system can still give (the fp32 graphs are built; nothing of the int8 directory is)."""
-    phases = predict_int8_memory(manifest, list(photos), rss_bytes() or 0)
+    held = rss_bytes() or 0
+    phases = predict_int8_memory(manifest, list(photos), held)
     phase = max(phases, key=phases.__getitem__)
     progress(f"memory: int8 phases predicted peak {phases[phase] / GiB:.1f} GiB ({phase})")
-    available, held = available_bytes(), rss_bytes() or 0
+    available = available_bytes()
     if options.check_memory and available is not None and phases[phase] - held > available:
         raise QuantizationError(f"the int8 phases need about {(phases[phase] - held) / GiB:.1f} GiB more memory at "
                                 f"their peak ({phase}), but only {available / GiB:.1f} GiB is available; close other "

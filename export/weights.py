@@ -1,7 +1,7 @@
 """Where the weights come from: the published files and the model's parts, in one table.
 
-`PUBLISHED` lists the files a full build reads (what each holds, who publishes it and where, its sha256
-where one is published, the flag it goes to); `PARTS` maps each checkpoint key prefix to the part's name,
+`PUBLISHED` lists the files a full build reads (who publishes each and where, its sha256 where one is
+published); `PARTS` maps each checkpoint key prefix to the part's name,
 the published files that hold it and the flags that give it. The loader (`export/checkpoint.py`) takes
 every such fact from here: the hash check of the files it reads, the advice of a missing-keys error, the
 notes on absent optional parts. README.md's "Weights" section and docs/weights.md say the same in prose.
@@ -9,10 +9,11 @@ notes on absent optional parts. README.md's "Weights" section and docs/weights.m
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from adaptbir.runtime.manifest import FileRecord
 
 # `gather`'s roles → the `adaptbir-export build` flag of each.
 ROLE_FLAGS = {"checkpoint": "--checkpoint", "control": "--control", "restoration_vae": "--restoration-vae",
@@ -23,14 +24,11 @@ ROLE_FLAGS = {"checkpoint": "--checkpoint", "control": "--control", "restoration
 class PublishedFile:
     """One weight file as its publisher ships it."""
 
-    key: str  # short name in this table
     title: str  # how messages name it
     name: str | None  # its published file name; None: any name (nothing published)
-    holds: str
     publisher: str
     where: tuple[str, ...]  # URLs; the first is the main one
     sha256: str | None  # None: no published hash
-    flag: str  # the build flag it goes to
 
     @property
     def origin(self) -> str:
@@ -42,23 +40,20 @@ class PublishedFile:
         return f"{self.title} ({self.origin})"
 
 
-STAGE3 = PublishedFile(
-    key="stage3", title="the AdaptBIR stage-3 checkpoint", name=None,
-    holds="all of AdaptBIR: SD 2.1-base UNet + CSFT, ControlNet, VAE, restoration encoder, text tower",
-    publisher="the authors'", where=("github.com/YingqiLiulll/AdaptBIR",), sha256=None, flag="--checkpoint",
+STAGE3 = PublishedFile(  # all of AdaptBIR: SD 2.1-base UNet + CSFT, ControlNet, VAE, restoration encoder, text
+    title="the AdaptBIR stage-3 checkpoint", name=None,
+    publisher="the authors'", where=("github.com/YingqiLiulll/AdaptBIR",), sha256=None,
 )
-SD21_BASE = PublishedFile(
-    key="sd21-base", title="Stable Diffusion 2.1-base's v2-1_512-ema-pruned.ckpt", name="v2-1_512-ema-pruned.ckpt",
-    holds="Stable Diffusion 2.1-base: UNet, VAE, OpenCLIP text tower",
+SD21_BASE = PublishedFile(  # UNet, VAE, OpenCLIP text tower
+    title="Stable Diffusion 2.1-base's v2-1_512-ema-pruned.ckpt", name="v2-1_512-ema-pruned.ckpt",
     publisher="Stability AI", where=("https://huggingface.co/stabilityai/stable-diffusion-2-1-base",),
-    sha256="88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36", flag="--checkpoint",
+    sha256="88ecb782561455673c4b78d05093494b9c539fc6bfc08f3a9a4a0dd7b0b10f36",
 )
-MUSIQ_KONIQ = PublishedFile(
-    key="musiq-koniq", title="pyiqa's musiq_koniq_ckpt-e95806b9.pth", name="musiq_koniq_ckpt-e95806b9.pth",
-    holds="MUSIQ trained on KonIQ (pyiqa), which scores each photo",
+MUSIQ_KONIQ = PublishedFile(  # MUSIQ trained on KonIQ, which scores each photo
+    title="pyiqa's musiq_koniq_ckpt-e95806b9.pth", name="musiq_koniq_ckpt-e95806b9.pth",
     publisher="pyiqa", where=("https://huggingface.co/chaofengc/IQA-PyTorch-Weights",
                               "GitHub chaofengc/IQA-PyTorch release v0.1-weights"),
-    sha256="e95806b9eae5f3814c410f574ba8e552362bd5bc63d758ed5b97860f5d6185aa", flag="--musiq",
+    sha256="e95806b9eae5f3814c410f574ba8e552362bd5bc63d758ed5b97860f5d6185aa",
 )
 PUBLISHED = (STAGE3, SD21_BASE, MUSIQ_KONIQ)
 
@@ -159,20 +154,9 @@ class WeightFile:
                 f"the key check decides whether it fits")
 
 
-def hash_file(path: Path, chunk: int = 1 << 20) -> tuple[int, str]:
-    """`(size, sha256 hex)` of a file, streamed in chunks (about 1 GB/s: a few seconds for SD 2.1-base)."""
-    digest, size = hashlib.sha256(), 0
-    buffer = bytearray(chunk)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(view):
-            digest.update(view[:n])
-            size += n
-    return size, digest.hexdigest()
-
-
 def fingerprint(role: str, path: Path) -> WeightFile:
-    """The record of one weight file: hashed, and matched against the published hashes."""
-    size, sha256 = hash_file(path)
-    published = next((f for f in PUBLISHED if f.sha256 == sha256), None)
-    return WeightFile(role, Path(path).name, size, sha256, published)
+    """The record of one weight file: hashed (as an engine directory's files are), and matched against the
+    published hashes."""
+    record = FileRecord.of(Path(path))
+    published = next((f for f in PUBLISHED if f.sha256 == record.sha256), None)
+    return WeightFile(role, Path(path).name, record.bytes, record.sha256, published)

@@ -90,10 +90,14 @@ class BatchProgress:
             self.images_bar.update(1)
 
     def finished(self, name: str, outcome: str, seconds: float) -> None:
-        """An image finished elsewhere (a Ray actor): one line, or the images bar moved on."""
+        """An image finished elsewhere (a Ray actor): as `ImageProgress.finish` says one finished here."""
         self.index += 1
+        self.ended(f"[{self.index}/{self.total}] {name}", name, outcome, seconds)
+
+    def ended(self, label: str, name: str, outcome: str, seconds: float) -> None:
+        """An image is done with (`outcome`: ok, failed, ...): its line, or the images bar moved on past it."""
         if self.mode == "lines":
-            self.write(f"[{self.index}/{self.total}] {name}: {outcome} ({seconds:.1f} s)")
+            self.write(f"{label}: {outcome} ({seconds:.1f} s)")
         elif self.mode == "bars":
             self.images_bar.set_postfix_str(printable(f"{name}: {outcome}"), refresh=False)
         self.advance()
@@ -137,13 +141,9 @@ class ImageProgress:
             self.batch.write(f"{self.label}: step {done}/{total}, {eta}")
 
     def finish(self, outcome: str) -> None:
-        """The image is done with (`outcome`: ok, failed, ...): its line, or the images bar moved on past it."""
+        """The image is done with (`outcome`: ok, failed, ...): `BatchProgress.ended`."""
         self._close_steps()
-        if self.batch.mode == "lines":
-            self.batch.write(f"{self.label}: {outcome} ({time.perf_counter() - self._started:.1f} s)")
-        elif self.batch.mode == "bars":
-            self.batch.images_bar.set_postfix_str(f"{self.name}: {outcome}", refresh=False)
-        self.batch.advance()
+        self.batch.ended(self.label, self.name, outcome, time.perf_counter() - self._started)
 
     def _open_steps(self) -> None:
         from tqdm import tqdm

@@ -74,8 +74,6 @@ class StopSignals:
             self._abandon = False
 
 
-
-
 def command(main: Callable[..., int]) -> Callable[..., int]:
     """A command's `main`, ended quietly when the reader of its output goes away (`adaptbir info | head`):
     no traceback, stdout pointed at /dev/null so the interpreter's last flush cannot fail again, and the
