@@ -62,7 +62,7 @@ def check_arguments(*, steps: int | None = None, seed: int | None = None, score:
                     k: float | None = None, w: float | None = None, sr_scale: float | None = None,
                     color_fix: str | None = None, tile_size: int | None = None, max_steps: int = STEPS[1],
                     resize_back: object = True, progress: object = None, on_stage: object = None,
-                    on_step: object = None) -> list[str]:
+                    on_step: object = None, on_gate: object = None) -> list[str]:
     """Raise `ArgumentError` for the first value outside what is allowed; return warnings (w above 1).
 
     None means "not given" (the default or the measured value is used). `max_steps`: the most steps the
@@ -97,6 +97,7 @@ def check_arguments(*, steps: int | None = None, seed: int | None = None, score:
     _callback("progress", progress)
     _callback("on_stage", on_stage)
     _callback("on_step", on_step)
+    _callback("on_gate", on_gate)
     return warnings
 
 

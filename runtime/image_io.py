@@ -23,9 +23,11 @@ passed on, written atomically (a temporary file on the same filesystem, then `os
 
 from __future__ import annotations
 
+import io
 import os
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -395,14 +397,31 @@ def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None,
     Alpha is kept for png and webp and dropped for jpg; quality applies to jpg and webp. On any error the
     temporary file is removed and the destination is untouched, and the error propagates.
     """
+    try:
+        save = _saver(rgb, alpha, icc_profile, exif, fmt, quality)
+    except InputError as err:
+        raise InputError(f"{path}: {err}") from None
+    atomic_write(Path(path), save, temporary_dir)
+
+
+def encode_image(rgb: np.ndarray, *, alpha: np.ndarray | None = None, icc_profile: bytes | None = None,
+                 exif: bytes | None = None, fmt: str = "png", quality: int = 95) -> bytes:
+    """The bytes `write_image` would write (a service's answer)."""
+    buffer = io.BytesIO()
+    _saver(rgb, alpha, icc_profile, exif, fmt, quality)(buffer)
+    return buffer.getvalue()
+
+
+def _saver(rgb: np.ndarray, alpha: np.ndarray | None, icc_profile: bytes | None, exif: bytes | None, fmt: str,
+           quality: int) -> Callable[[BinaryIO], None]:
     key = fmt.lower().lstrip(".")
     if key not in WRITE_FORMATS:
-        raise InputError(f"{path}: unknown output format {fmt!r}; expected one of {', '.join(WRITE_FORMATS)}")
+        raise InputError(f"unknown output format {fmt!r}; expected one of {', '.join(WRITE_FORMATS)}")
     if not 0 <= int(quality) <= 100:
-        raise InputError(f"{path}: quality must be between 0 and 100, got {quality}")
+        raise InputError(f"quality must be between 0 and 100, got {quality}")
     pil_format, keeps_alpha = WRITE_FORMATS[key]
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
-        raise ValueError(f"{path}: expected a uint8 H x W x 3 image, got {rgb.dtype} {rgb.shape}")
+        raise ValueError(f"expected a uint8 H x W x 3 image, got {rgb.dtype} {rgb.shape}")
     image = Image.fromarray(to_array(rgb, alpha if keeps_alpha else None))
 
     options: dict[str, object] = {}
@@ -412,5 +431,4 @@ def write_image(path: Path, rgb: np.ndarray, *, alpha: np.ndarray | None = None,
         options["icc_profile"] = icc_profile
     if exif:
         options["exif"] = exif
-
-    atomic_write(Path(path), lambda f: image.save(f, format=pil_format, **options), temporary_dir)
+    return lambda f: image.save(f, format=pil_format, **options)

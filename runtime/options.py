@@ -140,23 +140,31 @@ class RestoreOptions:
         return cls(**given)
 
     @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser, planning_only: bool = False) -> None:
+    def add_arguments(parser: argparse.ArgumentParser, planning_only: bool = False, query_only: bool = False) -> None:
         """The options' flags. `planning_only`: those that decide how an image runs (sizes, tiling, whether
-        MUSIQ runs), for `adaptbir plan`; otherwise all of them (`adaptbir restore`)."""
-        parser.add_argument("--score", type=float, help="use this MUSIQ score instead of running MUSIQ")
-        parser.add_argument("--sr-scale", type=float, default=1.0, help="super-resolution pre-scale (0.125..16)")
-        parser.add_argument("--no-resize-back", action="store_true", help="keep the processing size")
-        parser.add_argument("--tile-size", type=int, help="tile size in px (multiple of 64; 0 = never tile; "
-                            "default: untiled whenever the predicted peak fits the memory budget, else 512 px tiles)")
-        parser.add_argument("--memory-budget", type=bytes_argument, metavar="SIZE",
-                            help="memory a restore may use, e.g. 12G (default: 85%% of what the process can reach)")
-        if planning_only:
-            return
-        parser.add_argument("--steps", type=int, help="sampling steps (default: the engine directory's schedule "
-                            "default, 50 for SD; 2 up to its timesteps)")
-        parser.add_argument("--seed", type=seed_argument, help="seed of every image, or 'random' for a fresh draw each "
-                            "(default: derived from each image's pixels, so a re-run gives the same output; recorded)")
-        parser.add_argument("--k", type=float, help="override the latent interpolation weight k (0..1)")
-        parser.add_argument("--w", type=float, help="override the CSFT strength w (0..100; the gate gives 0..1)")
-        parser.add_argument("--color-fix", default="none", choices=COLOR_FIXES,
-                            help="match the colours of the input's reconstruction")
+        MUSIQ runs), for `adaptbir plan`; `query_only`: those a service client may set (`QUERY_FIELDS`, for
+        `adaptbir-ray submit`); otherwise all of them (`adaptbir restore`)."""
+        for flags, kwargs in _FLAGS:
+            name = flags[0].removeprefix("--").replace("-", "_")
+            if (not planning_only or name in _PLANNING) and (not query_only or name in QUERY_FIELDS):
+                parser.add_argument(*flags, **kwargs)
+
+
+_PLANNING = {"score", "sr_scale", "no_resize_back", "tile_size", "memory_budget"}  # `adaptbir plan`'s flags
+_FLAGS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--score",), {"type": float, "help": "use this MUSIQ score instead of running MUSIQ"}),
+    (("--sr-scale",), {"type": float, "default": 1.0, "help": "super-resolution pre-scale (0.125..16)"}),
+    (("--no-resize-back",), {"action": "store_true", "help": "keep the processing size"}),
+    (("--tile-size",), {"type": int, "help": "tile size in px (multiple of 64; 0 = never tile; default: untiled "
+                        "whenever the predicted peak fits the memory budget, else 512 px tiles)"}),
+    (("--memory-budget",), {"type": bytes_argument, "metavar": "SIZE", "help": "memory a restore may use, e.g. 12G "
+                            "(default: 85%% of what the process can reach)"}),
+    (("--steps",), {"type": int, "help": "sampling steps (default: the engine directory's schedule default, 50 for "
+                    "SD; 2 up to its timesteps)"}),
+    (("--seed",), {"type": seed_argument, "help": "seed of every image, or 'random' for a fresh draw each (default: "
+                   "derived from each image's pixels, so a re-run gives the same output; recorded)"}),
+    (("--k",), {"type": float, "help": "override the latent interpolation weight k (0..1)"}),
+    (("--w",), {"type": float, "help": "override the CSFT strength w (0..100; the gate gives 0..1)"}),
+    (("--color-fix",), {"default": "none", "choices": COLOR_FIXES,
+                        "help": "match the colours of the input's reconstruction"}),
+]

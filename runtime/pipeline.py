@@ -32,10 +32,10 @@ from .options import RANDOM, RestoreOptions, seed_for
 from .plan import RestorePlan
 from .preprocess import Geometry, finish, from_model_range, prepare, to_model_range
 from .sampler import SamplerStep, StepCallback
-from .stages import LatentResult, Progress, StageHook, Stages, Timings
+from .stages import GateHook, LatentResult, Progress, StageHook, Stages, Timings
 
-__all__ = ["LatentResult", "Pipeline", "Progress", "RestoreOptions", "RestorePlan", "Result", "SamplerStep",
-           "StageHook", "StepCallback", "Timings"]
+__all__ = ["GateHook", "LatentResult", "Pipeline", "Progress", "RestoreOptions", "RestorePlan", "Result",
+           "SamplerStep", "StageHook", "StepCallback", "Timings"]
 
 
 @dataclass
@@ -137,19 +137,20 @@ class Pipeline:
 
     def restore(self, image: np.ndarray | Image.Image | LoadedImage, options: RestoreOptions | None = None, *,
                 progress: Progress | None = None, on_stage: StageHook | None = None,
-                on_step: StepCallback | None = None, **changes: Any) -> Result:
+                on_step: StepCallback | None = None, on_gate: GateHook | None = None, **changes: Any) -> Result:
         """Restore one image; returns it in the input's kind, with score, class, k, w, seed and timings.
 
         `options` (`RestoreOptions`), or its fields as keyword arguments (`restore(image, seed=0, w=0.5)`),
         or both (the keywords change the options). `progress(i, n)` follows the sampling steps (raise to
         cancel); `on_step(SamplerStep)` gets each step's timestep, x_t and x0 prediction (read-only views, e.g.
         for a preview); `on_stage(name, tiles)` is called as each stage begins (musiq, encode, sample, decode)
-        with the number of tiles it runs on. Tiling follows `plan` (the same options give the same plan);
-        `Result.plan` says what was decided and why.
+        with the number of tiles it runs on; `on_gate(Gate, seed)` once the gate has decided score, class, k
+        and w (before encoding: a service shows them while sampling runs). Tiling follows `plan` (the same
+        options give the same plan); `Result.plan` says what was decided and why.
 
         Every argument is checked before any engine runs (`ArgumentError`, see `runtime/options.py`)."""
         options = self.options(options, **changes)
-        check_arguments(progress=progress, on_stage=on_stage, on_step=on_step)
+        check_arguments(progress=progress, on_stage=on_stage, on_step=on_step, on_gate=on_gate)
         notes = options.warnings
         timings = Timings()
         started = time.perf_counter()
@@ -168,6 +169,8 @@ class Pipeline:
             with timings.stage("musiq"):
                 measured = self.stages.score(padded, timings)
         decision = self.stages.decide(measured if measured is not None else options.score, options.k, options.w)
+        if on_gate:
+            on_gate(decision, seed)
         latent = self.stages.run(to_model_range(padded), decision, steps=options.steps, seed=seed,
                                  color_fix=options.color_fix, plan=plan, progress=progress, timings=timings,
                                  on_stage=on_stage, on_step=on_step)

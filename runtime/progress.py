@@ -136,7 +136,7 @@ class ImageProgress:
         if self._steps is not None:
             self._steps.total = total
             self._steps.set_postfix_str(eta, refresh=False)
-            self._steps.update(1)
+            self._steps.update(done - self._steps.n)  # a service's events may pass over steps
         elif self.batch.mode == "lines" and (done == 1 or done % self.batch.every == 0 or done == total):
             self.batch.write(f"{self.label}: step {done}/{total}, {eta}")
 

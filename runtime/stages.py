@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Progress = Callable[[int, int], None]  # after sampling step i of n; raising cancels the restore
 StageHook = Callable[[str, int], None]  # a stage ("musiq", "encode", "sample", "decode") begins, on N tiles
+GateHook = Callable[[Gate, int], None]  # the gate has decided (score, class, k, w) for the image's seed
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
     adaptbir-ray restore photos/ -o restored/ --engines /shared/engines/sd21 [--address auto] [--actors 8]
     adaptbir-ray serve --engines engines/sd21 [--host 127.0.0.1 --port 8000 --replicas 2]
+    adaptbir-ray submit photos/ --url http://127.0.0.1:8000 -o restored/ [--in-flight 2]
 
 `restore` takes every argument of `adaptbir restore` (`--threads` = threads of each actor), plus where the
 cluster is and how many restoring actors to run. Without `--address`: $RAY_ADDRESS, a cluster `ray start`
@@ -21,6 +22,8 @@ from adaptbir.runtime.batch import add_restore_arguments, restore_command
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.progress import say
 from adaptbir.runtime.signals import command
+
+from .submit import add_arguments as add_submit_arguments
 
 
 def _cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--num-gpus-per-actor", type=float, default=0.0,
                    help="GPUs each actor claims (with --backend trt/ort-cuda/ort-trt on a GPU cluster)")
     redefine(r, "--threads", default=1, help="CPU threads of each actor (ONNX Runtime or OpenVINO)")
-    v = sub.add_parser("serve", help="an HTTP service (Ray Serve): POST /restore, GET /healthz, GET /info",
+    v = sub.add_parser("serve", help="an HTTP service (Ray Serve): POST /restore, jobs (POST /jobs), a page (GET /)",
                        formatter_class=DefaultsHelp, description="Serve the engine directory over HTTP until Ctrl-C "
                        "(see adaptbir.serve.service for the API and adaptbir.serve.client for a client).")
     v.add_argument("--engines", type=Path, required=True, help="engine directory (adaptbir-export build)")
@@ -67,16 +70,29 @@ def _parser() -> argparse.ArgumentParser:
                    "included (504 beyond, the restore cancelled at its next step); default: no limit")
     v.add_argument("--max-buffered", type=bytes_argument, help="upload bytes held at once, all requests together "
                    "(503 beyond; default: 16 × --max-bytes)")
+    v.add_argument("--max-jobs", type=int, default=64, help="jobs accepted and not ended, queued or running "
+                   "(POST /jobs answers 503 with Retry-After beyond)")
+    v.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a job's result and status are kept "
+                   "after it ended (then: expired)")
+    v.add_argument("--max-result-bytes", type=bytes_argument, default="1G", help="bytes of job results kept at once "
+                   "(the oldest expire early beyond)")
     _cluster_arguments(v)
+    s = sub.add_parser("submit", help="restore photos with a running service, as jobs (POST /jobs)",
+                       formatter_class=DefaultsHelp, description="Submit each photo to an adaptbir-ray service as "
+                       "a job, follow its progress, and write the results as `adaptbir restore` does: the same "
+                       "output names, atomic writes, report records and summary; a failing image is reported and "
+                       "the batch goes on (exit 1); a stop signal cancels the jobs at the service.")
+    add_submit_arguments(s)
     return parser
 
 
 def _check_serve_arguments(args: argparse.Namespace) -> None:
     """Each of `serve`'s numbers within its range (ArgumentError: a usage error)."""
-    for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps"):
+    for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps",
+                 "max_jobs"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    for name in ("read_timeout", "body_timeout", "request_timeout"):
+    for name in ("read_timeout", "body_timeout", "request_timeout", "result_ttl"):
         value = getattr(args, name)
         if value is not None and not 0 < value < float("inf"):
             raise ArgumentError(f"--{name.replace('_', '-')} must be a positive number of seconds, not {value}")
@@ -94,7 +110,8 @@ def _serve(args: argparse.Namespace) -> int:
     _check_serve_arguments(args)
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_steps=args.max_steps,
                     read_timeout=args.read_timeout, body_timeout=args.body_timeout,
-                    request_timeout=args.request_timeout, max_buffered=args.max_buffered)
+                    request_timeout=args.request_timeout, max_buffered=args.max_buffered, max_jobs=args.max_jobs,
+                    result_ttl=args.result_ttl, max_result_bytes=args.max_result_bytes)
     # A bad directory is one line here, not a replica crash loop (shipping hashes every file itself).
     load_manifest(args.engines, verify=not args.ship_engines)
     start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
@@ -117,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "submit":
+            from .submit import submit_command
+
+            return submit_command(args)
         if args.actors is not None and args.actors < 1:
             raise ArgumentError(f"--actors must be at least 1, not {args.actors}")
         if args.num_gpus_per_actor < 0:
