@@ -302,7 +302,8 @@ class JobBoard:
             "eta_s": None if eta is None else round(eta, 1),
             "score": job.gate.get("score"), "score_source": job.gate.get("score_source"),
             "class": job.gate.get("class"), "k": job.gate.get("k"), "w": job.gate.get("w"),
-            "seed": job.gate.get("seed"), "error": job.error, "format": job.format,
+            "seed": None if job.gate.get("seed") is None else str(job.gate["seed"]),  # 63 bits: beyond a JS number
+            "error": job.error, "format": job.format,
             "expires_in_s": None if expires is None else round(max(expires, 0.0), 1),
             "time": job.changed_at, "status_url": url, "events_url": f"{url}/events", "result_url": f"{url}/result",
         }

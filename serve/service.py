@@ -57,7 +57,7 @@ PAGE = Path(__file__).with_name("page")
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"), "/page.css": ("page.css", "text/css; charset=utf-8"),
           "/page.js": ("page.js", "text/javascript; charset=utf-8")}
 # The page asks nothing of any other origin: a browser enforces it.
-PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; object-src 'none'; "
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
                 "base-uri 'none'; frame-ancestors 'none'", "X-Content-Type-Options": "nosniff",
                 "Cache-Control": "no-cache"}
 KEEPALIVE = 15.0  # seconds between comment lines of a quiet event stream

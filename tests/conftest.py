@@ -134,6 +134,63 @@ def int8_engines(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def loopback_service():
+    """`with loopback_service(engines, cache, **start_arguments) as (url, port):` `adaptbir-ray serve` on a
+    cluster of its own bound to loopback (never one that `ray start` left running: tests/test_ray.py starts
+    one), its engines shipped through the object store into the node cache `cache`."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def running(engines: Path, cache: Path, **arguments):
+        import ray
+        from ray import serve
+
+        from adaptbir.serve.service import start
+
+        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            start(engines, port=port, threads=1, ship_engines=True, engine_cache=cache, **arguments)
+            yield f"http://127.0.0.1:{port}", port
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+
+    return running
+
+
+@pytest.fixture(scope="session")
+def ray_process():
+    """`ray_process(name)`: the pid of this test process's Ray process whose title starts with `ray::name`
+    (its own cluster's, not another's), e.g. "ServeReplica:adaptbir:RestoreWorker"."""
+    def pid(name: str) -> int:
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError):
+                    continue
+        mine = {os.getpid()}
+        for _ in range(5):  # driver → raylet → workers
+            mine |= {p for p, parent in parents.items() if parent in mine}
+        [found] = [p for p in mine if _cmdline(p).startswith(f"ray::{name}".encode())]
+        return found
+
+    return pid
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return b""
+
+
+@pytest.fixture(scope="session")
 def musiq_feeds():
     """`musiq_feeds(u8)`: pyiqa's own patch tensor of a uint8 image (the reference), split into the graph's
     inputs."""

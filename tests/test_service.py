@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import re
 import socket
 import struct
@@ -41,29 +40,18 @@ class Service:
 
 
 @pytest.fixture(scope="module")
-def service(micro_engines, tmp_path_factory):
+def service(micro_engines, tmp_path_factory, loopback_service):
     """The HTTP service on a local cluster bound to loopback: one worker replica, 2 restores at a time, 4
     queued, 1 MiB uploads, 8 MiB of them held at once, short timeouts; its engines shipped through the object
     store into a node cache."""
-    import ray
-    from ray import serve
+    from adaptbir.serve.service import Limits
 
-    from adaptbir.serve.service import Limits, start
-
-    # "local": a cluster of its own, never one that `ray start` left running (tests/test_ray.py starts one)
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cache = tmp_path_factory.mktemp("node-cache")
-    start(micro_engines, port=port, threads=1, max_ongoing_requests=SLOTS, max_queued_requests=QUEUED,
-          limits=Limits(max_bytes=2**20, max_pixels=1024 * 1024, max_steps=200, read_timeout=READ_TIMEOUT,
-                        body_timeout=BODY_TIMEOUT, request_timeout=REQUEST_TIMEOUT, max_buffered=8 * 2**20),
-          ship_engines=True,
-          engine_cache=cache)
-    yield Service(f"http://127.0.0.1:{port}", port, cache)
-    serve.shutdown()
-    ray.shutdown()
+    limits = Limits(max_bytes=2**20, max_pixels=1024 * 1024, max_steps=200, read_timeout=READ_TIMEOUT,
+                    body_timeout=BODY_TIMEOUT, request_timeout=REQUEST_TIMEOUT, max_buffered=8 * 2**20)
+    with loopback_service(micro_engines, cache, max_ongoing_requests=SLOTS, max_queued_requests=QUEUED,
+                          limits=limits) as (url, port):
+        yield Service(url, port, cache)
 
 
 def _png(h: int, w: int, seed: int, smooth: bool = False) -> bytes:
@@ -296,33 +284,17 @@ def test_abandoned_requests_never_run_beyond_the_slots(service):
           f"{after['cancelled'] - before['cancelled']} cancelled, at most {after['peak']} at once")
 
 
-def _descendant(name: str) -> int:
-    """The pid of this test's Ray process whose title starts with `name` (its cluster's, not another's)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError):
-                continue
-    mine = {os.getpid()}
-    for _ in range(5):  # driver → raylet → workers
-        mine |= {pid for pid, parent in parents.items() if parent in mine}
-    [pid] = [p for p in mine if (Path(f"/proc/{p}/cmdline").read_bytes().startswith(f"ray::{name}".encode()))]
-    return pid
-
-
 def _memory(pid: int, field: str) -> int:
     """VmRSS or VmHWM of a process, in bytes."""
     text = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.M).group(1)) * 1024
 
 
-def test_a_big_chunked_upload_is_cut_at_the_limit_in_bounded_memory(service):
+def test_a_big_chunked_upload_is_cut_at_the_limit_in_bounded_memory(service, ray_process):
     """64 MiB chunked (no length declared) against the 1 MiB limit: 413, and the ingress replica's peak RSS
     grows by less than 8 MiB (before: the whole body was buffered, ~3.6 × its size; behind Ray Serve's
     proxy, which reads every body to its end, 30–120 MiB here)."""
-    ingress = _descendant("ServeReplica:adaptbir:RestoreService")
+    ingress = ray_process("ServeReplica:adaptbir:RestoreService")
     Path(f"/proc/{ingress}/clear_refs").write_text("5")  # VmHWM := VmRSS
     base = _memory(ingress, "VmRSS")
     sock = _connect(service, "POST /restore?seed=0&steps=2 HTTP/1.1\r\nTransfer-Encoding: chunked")
