@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.adaptbir-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-ray test-slow lint clean
+.PHONY: install browser demo test test-ray test-slow lint clean
 
 install: $(STAMP)
 
@@ -27,8 +27,15 @@ demo: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist loadfile $(PYTEST_ARGS)
 
-test-ray: $(STAMP)  # a local Ray cluster (loopback): adaptbir-ray against the single-process CLI
+test-ray: $(STAMP) browser  # a local Ray cluster (loopback): adaptbir-ray against the single-process CLI, the page
 	$(PY) -m pytest -m ray $(PYTEST_ARGS)
+
+# The service's page is tested in Debian's Chromium, driven by its own ChromeDriver through Selenium (a test
+# tool's own browser download is not possible everywhere this runs).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

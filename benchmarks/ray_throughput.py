@@ -5,7 +5,10 @@
 Side by side in one run, on generated photos: the local CLI (one process, all threads), the Ray job with
 1 actor × all threads and with N actors × 1 thread (cores not oversubscribed), each a fresh command (the
 Ray rows include starting a local cluster, reported apart from the per-image rate); then the service
-under a fixed concurrent load: p50/p95 latency. Medians over `--runs`. Results: a table and a JSON file.
+under a fixed concurrent load, the same requests as POST /restore and as jobs (submit, follow the events,
+fetch the result), one after the other on one service: p50/p95 latency, and for jobs the time to the 202,
+the events' lag behind the worker's clock (one machine: one clock) and the time from the done event to the
+result. Medians over `--runs`. Results: a table and a JSON file (`--parts service` for the service alone).
 """
 
 from __future__ import annotations
@@ -71,12 +74,12 @@ def batch(args, work: Path) -> dict:
 
 
 def service(args) -> dict:
+    """The same load as POST /restore and as jobs (submit → events → result), side by side on one service."""
     import socket
 
     import ray
     from ray import serve
 
-    from adaptbir.serve.client import restore
     from adaptbir.serve.service import start
 
     with socket.socket() as s:
@@ -89,20 +92,51 @@ def service(args) -> dict:
     Image.fromarray((np.random.default_rng(0).random((args.height, args.width, 3)) * 255).astype(np.uint8)).save(
         buffer, "PNG")
     photo, url = buffer.getvalue(), f"http://127.0.0.1:{port}"
-    restore(url, photo, seed=0, steps=args.steps, score=50)  # warm-up
-
-    def one(i: int) -> float:
-        start = time.perf_counter()
-        restore(url, photo, seed=i, steps=args.steps, score=50)
-        return time.perf_counter() - start
-
-    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-        latencies = sorted(pool.map(one, range(args.requests)))
+    _restore_once(url, photo, 0, args.steps)  # warm-up, both paths
+    _job_once(url, photo, 0, args.steps)
+    rows = {}
+    for name, call in (("POST /restore", _restore_once), ("jobs", _job_once)):
+        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+            rows[name] = list(pool.map(lambda i, call=call: call(url, photo, i, args.steps), range(args.requests)))
     serve.shutdown()
     ray.shutdown()
-    p50, p95 = (round(float(np.percentile(latencies, q)), 3) for q in (50, 95))
-    return {"requests": args.requests, "concurrency": args.concurrency, "replicas": replicas, "p50_s": p50,
-            "p95_s": p95}
+    report = {"requests": args.requests, "concurrency": args.concurrency, "replicas": replicas}
+    for name, measured in rows.items():
+        report[name] = {key: _percentiles([m[key] for m in measured]) for key in measured[0] if key != "lags_s"}
+    report["jobs"]["events_lag_s"] = _percentiles([lag for m in rows["jobs"] for lag in m["lags_s"]])
+    return report
+
+
+def _restore_once(url: str, photo: bytes, seed: int, steps: int) -> dict:
+    from adaptbir.serve.client import restore
+
+    start = time.perf_counter()
+    restore(url, photo, seed=seed, steps=steps, score=50)
+    return {"latency_s": time.perf_counter() - start}
+
+
+def _job_once(url: str, photo: bytes, seed: int, steps: int) -> dict:
+    """One job: the time to its 202, each running event's lag behind the worker's clock (one machine), the
+    time from its done event to its result, and the whole."""
+    from adaptbir.serve.client import events, result, submit
+
+    start = time.perf_counter()
+    job = submit(url, photo, seed=seed, steps=steps, score=50)
+    submitted = time.perf_counter()
+    lags = []
+    for event in events(url, job["id"]):
+        if event["state"] == "running":
+            lags.append(time.time() - event["time"])
+    done = time.perf_counter()
+    result(url, job["id"])
+    fetched = time.perf_counter()
+    return {"latency_s": fetched - start, "submit_s": submitted - start, "done_to_result_s": fetched - done,
+            "lags_s": lags}
+
+
+def _percentiles(values: list[float]) -> dict:
+    return {q: round(float(np.percentile(values, int(q[1:]))), 4) for q in ("p50", "p95")} | {
+        "max": round(max(values), 4)}
 
 
 def main() -> None:
@@ -115,19 +149,25 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--requests", type=int, default=20)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--parts", nargs="+", choices=("batch", "service"), default=["batch", "service"])
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/ray-throughput.json"))
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        report = {"engines": str(args.engines), "images": args.images, "size": f"{args.height}x{args.width}",
-                  "steps": args.steps, "runs": args.runs, "cpus": os.cpu_count(),
-                  "batch": batch(args, Path(tmp)), "service": service(args)}
-    print(f"cluster start {report['batch']['cluster_start_s']} s (median of {args.runs})")
-    print(f"{'job':<34} {'images/min':>10} {'Ray overhead s/image':>21}")
-    for name, row in report["batch"]["rows"].items():
-        print(f"{name:<34} {row['images_per_min']:>10} {row.get('overhead_per_image_s', ''):>21}")
-    s = report["service"]
-    print(f"service ({s['replicas']} replicas): {s['requests']} requests, {s['concurrency']} at a time: "
-          f"p50 {s['p50_s']} s, p95 {s['p95_s']} s")
+    report = {"engines": str(args.engines), "images": args.images, "size": f"{args.height}x{args.width}",
+              "steps": args.steps, "runs": args.runs, "cpus": os.cpu_count()}
+    if "batch" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            report["batch"] = batch(args, Path(tmp))
+        print(f"cluster start {report['batch']['cluster_start_s']} s (median of {args.runs})")
+        print(f"{'job':<34} {'images/min':>10} {'Ray overhead s/image':>21}")
+        for name, row in report["batch"]["rows"].items():
+            print(f"{name:<34} {row['images_per_min']:>10} {row.get('overhead_per_image_s', ''):>21}")
+    if "service" in args.parts:
+        report["service"] = s = service(args)
+        print(f"service ({s['replicas']} replicas): {s['requests']} requests, {s['concurrency']} at a time "
+              "(p50 / p95 s)")
+        for name in ("POST /restore", "jobs"):
+            print(f"  {name:<14} " + ", ".join(f"{key.removesuffix('_s')} {v['p50']} / {v['p95']}"
+                                               for key, v in s[name].items()))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
 

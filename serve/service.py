@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -212,13 +213,12 @@ class RestoreService:
         """The restore options from the query (`RestoreOptions.from_query`: known names, each once, of its
         type, within the runtime's ranges), on the engines' schedule, within this service's step limit; and
         the output format (`format`, png by default)."""
-        text = query.decode("latin-1")
-        fmt = "png"
-        if match := re.search(r"(?:^|&)format=([^&]*)", text):  # not a restore option: the output's
-            fmt = match.group(1).lower()
-            text = (text[:match.start()] + text[match.end():]).strip("&")
-            if fmt not in MEDIA_TYPES or "format=" in text:
-                raise Rejected(422, f"format={fmt[:20]!r}: one of {', '.join(MEDIA_TYPES)}, given once")
+        pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        formats = [value.lower() for name, value in pairs if name == "format"]  # the output's, not the restore's
+        if len(formats) > 1 or (formats and formats[0] not in MEDIA_TYPES):
+            raise Rejected(422, f"format={formats[0][:20]!r}: one of {', '.join(MEDIA_TYPES)}, given once")
+        fmt = formats[0] if formats else "png"
+        text = urlencode([(name, value) for name, value in pairs if name != "format"])
         try:
             options = RestoreOptions.from_query(text)
             options = options.for_schedule(self.engine["default_steps"], self.engine["max_steps"])
