@@ -260,12 +260,13 @@ class _RayLog(logging.Handler):
 
 
 @contextmanager
-def ray_output_to(log: Path) -> Iterator[None]:
+def ray_output_to(log: Path) -> Iterator[logging.Handler]:
     """Ray's own output during the job goes to `log`, this program's keeps the terminal: its C++ log lines
     (written to file descriptor 2 by the driver's core worker), its Python loggers' records below ERROR and
     its warnings. A run that succeeds then prints only its own lines; one that fails names the log. Ray's
     errors (ERROR and above) still reach the terminal. `ray.init` empties the `ray` logger's handlers, which
-    leaves its records to `logging.lastResort`: both are routed here."""
+    leaves its records to `logging.lastResort`: both are routed here. Yields the handler, for loggers a library
+    configures later (Ray Serve's, in `serve.start`)."""
     import ray
     import ray.data  # noqa: F401  (both configure their loggers when imported: done here, before ours are set)
 
@@ -280,7 +281,7 @@ def ray_output_to(log: Path) -> Iterator[None]:
             ray_logger.handlers, ray_logger.level, logging.lastResort = [routed], logging.INFO, routed
             warnings.showwarning = lambda message, category, filename, lineno, file=None, line=None: sink.write(
                 warnings.formatwarning(message, category, filename, lineno, line))
-            yield
+            yield routed
         finally:
             _disconnect_ray()
             sys.stdout.flush()

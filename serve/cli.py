@@ -12,16 +12,17 @@ began on this machine, else a new local one. Engines: a path every node sees, or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
-import time
+import threading
 from pathlib import Path
 
 from adaptbir.runtime.arguments import DefaultsHelp, Parser, bytes_argument, redefine
 from adaptbir.runtime.batch import add_restore_arguments, restore_command
 from adaptbir.runtime.errors import AdaptBIRError, ArgumentError
 from adaptbir.runtime.progress import say
-from adaptbir.runtime.signals import command
+from adaptbir.runtime.signals import STOP_SIGNALS, command
 
 from .submit import add_arguments as add_submit_arguments
 
@@ -67,13 +68,16 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--body-timeout", type=float, default=60.0, help="seconds a whole upload may take (408 beyond: "
                    "a trickling client is cut off)")
     v.add_argument("--request-timeout", type=float, help="seconds from a complete upload to its result, queue "
-                   "included (504 beyond, the restore cancelled at its next step); default: no limit")
+                   "included (504 beyond, the restore cancelled at its next step; a job: from its start, then "
+                   "failed); default: no limit")
     v.add_argument("--max-buffered", type=bytes_argument, help="upload bytes held at once, all requests together "
                    "(503 beyond; default: 16 × --max-bytes)")
     v.add_argument("--max-jobs", type=int, default=64, help="jobs accepted and not ended, queued or running "
                    "(POST /jobs answers 503 with Retry-After beyond)")
     v.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a job's result and status are kept "
                    "after it ended (then: expired)")
+    v.add_argument("--log", type=Path, default=Path.home() / ".cache" / "adaptbir" / "adaptbir-ray-serve.log",
+                   help="where Ray's own output goes (appended); the terminal keeps this command's lines and errors")
     v.add_argument("--max-result-bytes", type=bytes_argument, default="1G", help="bytes of job results kept at once "
                    "(the oldest expire early beyond)")
     _cluster_arguments(v)
@@ -101,10 +105,16 @@ def _check_serve_arguments(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Serve until SIGINT, SIGTERM or SIGHUP (then exit 0: stopping is how a service ends); Ray's own output
+    goes to --log, this command's lines to the terminal."""
+    import logging
+
+    import ray
     from ray import serve
 
     from adaptbir.runtime.manifest import load_manifest
 
+    from .batch import ray_output_to
     from .service import Limits, start
 
     _check_serve_arguments(args)
@@ -114,17 +124,22 @@ def _serve(args: argparse.Namespace) -> int:
                     result_ttl=args.result_ttl, max_result_bytes=args.max_result_bytes)
     # A bad directory is one line here, not a replica crash loop (shipping hashes every file itself).
     load_manifest(args.engines, verify=not args.ship_engines)
-    start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
-          max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
-          limits=limits, address=args.address, ship_engines=args.ship_engines, engine_cache=args.engine_cache)
-    print(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ctrl-C stops)", file=sys.stderr)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
-        print("adaptbir-ray: stopping the service", file=sys.stderr)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    with ray_output_to(args.log) as routed, contextlib.redirect_stdout(routed.sink):  # Ray's notices: stdout
+        start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
+              max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
+              limits=limits, address=args.address, ship_engines=args.ship_engines, engine_cache=args.engine_cache)
+        serve_logger = logging.getLogger("ray.serve")  # configured by serve.start: into the log as well
+        serve_logger.handlers, serve_logger.propagate = [routed], False
+        for number in STOP_SIGNALS:  # after ray.init, which replaced SIGTERM's handler; a second one: no matter
+            signal.signal(number, lambda signum, frame: stop.set())
+        say(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ray's log: {args.log}; "
+            "Ctrl-C stops)")
+        stop.wait()
+        say("adaptbir-ray: stopping the service")
         serve.shutdown()
+        ray.shutdown()  # here: its last notices (the controller's shutdown task) still go to the log
     return 0
 
 

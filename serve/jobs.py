@@ -66,10 +66,11 @@ class Job:
     error: str | None = None
     result: Any = None  # the worker's Reply once done
     result_bytes: int = 0
+    started: float | None = None  # the board's clock, as created and ended
     ended: float | None = None
     changed_at: float = field(default_factory=time.time)  # wall clock of the latest change (the worker's)
     step_times: list[float] = field(default_factory=list)  # seconds of each sampling step so far
-    decode_started: float | None = None
+    decode_started: float | None = None  # the board's clock (the workers' may be another machine's)
     version: int = 0
     stop: Callable[[], None] | None = None  # cancels its running restore (set by the dispatcher)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -106,6 +107,7 @@ class JobBoard:
         self.seq = 0
         self.step_s: float | None = None  # the latest job's mean step: an ETA before a job's own first step
         self.decode_steps: float | None = None  # the latest decode, in sampling steps of its own job
+        self.job_s: float | None = None  # the latest done job's time from start to end (Retry-After, none running)
 
     # ------------------------------------------------------------------------ accepting and finding
 
@@ -138,7 +140,7 @@ class JobBoard:
     def retry_after(self) -> int:
         """Seconds until a running job is expected to end (at least 1): when a new job may be accepted."""
         etas = [eta for job in self.jobs.values() if job.state == "running" and (eta := self.eta(job)) is not None]
-        return max(1, round(min(etas, default=self.step_s * 50 if self.step_s else 30)))
+        return max(1, round(min(etas, default=self.job_s or 30)))
 
     # ------------------------------------------------------------------------------ dispatching
 
@@ -156,7 +158,7 @@ class JobBoard:
     def requeue(self, job: Job) -> None:
         """Back to the head of the queue (the workers' own queue was full)."""
         if job.state == "queued":
-            job.dispatched = False
+            job.dispatched, job.stop = False, None
             self.waiting.appendleft(job)
             self.arrived.set()
 
@@ -175,13 +177,13 @@ class JobBoard:
             return
         at = event.get("time", time.time())
         if event.get("state") == "running" and job.state == "queued":
-            job.state = "running"
+            job.state, job.started = "running", self.clock()
             self._drop_body(job)
             self._moved_up(job)
         if "stage" in event:
             job.stage, job.tiles = event["stage"], int(event.get("tiles", 1))
             if job.stage == "decode":
-                job.decode_started = at
+                job.decode_started = self.clock()
         if "gate" in event:
             job.gate = dict(event["gate"])
         if "step" in event:  # since the previous step, or since sampling began
@@ -201,9 +203,11 @@ class JobBoard:
                       f"({self.limits.max_result_bytes} bytes)")
             return
         if job.decode_started is not None and job.step_times:
-            self.decode_steps = (time.time() - job.decode_started) / statistics.fmean(job.step_times)
+            self.decode_steps = (self.clock() - job.decode_started) / statistics.fmean(job.step_times)
         if job.step_times:
             self.step_s = statistics.fmean(job.step_times)
+        if job.started is not None:
+            self.job_s = self.clock() - job.started
         job.result, job.result_bytes = reply, size
         self.result_bytes += size
         self._end(job, "done")
@@ -283,7 +287,7 @@ class JobBoard:
             return None
         decode = (self.decode_steps or 0.0) * step_s
         if job.stage == "decode" and job.decode_started is not None:
-            return max(0.0, decode - (time.time() - job.decode_started))
+            return max(0.0, decode - (self.clock() - job.decode_started))
         return (self._steps(job) - job.step) * step_s + decode
 
     @staticmethod

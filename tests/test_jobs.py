@@ -169,3 +169,24 @@ def test_a_change_wakes_a_waiting_event_stream():
         return quiet, await waiting
 
     assert asyncio.run(scenario()) == (False, True)
+
+
+def test_the_eta_counts_a_decode_as_long_as_the_latest_one():
+    """Job 1 decodes for 0.5 s of the board's clock at 0.1 s a step (5 steps' worth): job 2, at step 8 of 10,
+    has 2 steps and such a decode left; with nothing running, Retry-After is the latest job's whole time."""
+    board, clock, _ = _board(max_jobs=1)
+    first = board.accept(OPTIONS, "png", b"x")
+    _run(board, first, steps=10)
+    clock.now += 1.0
+    board.update(first, {"stage": "decode", "tiles": 1})
+    clock.now += 0.5
+    board.finish(first, Reply(200, b"x"), 1)
+    second = board.accept(OPTIONS, "png", b"x")
+    with pytest.raises(Rejected) as full:
+        board.check_room()
+    assert full.value.headers["Retry-After"] == "2"  # none running: the first job's 1.5 s, rounded
+    _run(board, second, steps=8)
+    assert board.eta(second) == pytest.approx(2 * 0.1 + 5 * 0.1)
+    board.update(second, {"stage": "decode", "tiles": 1})
+    clock.now += 0.2
+    assert board.eta(second) == pytest.approx(0.3)

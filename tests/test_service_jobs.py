@@ -322,3 +322,37 @@ def test_a_replica_killed_mid_job_fails_the_job_with_its_reason(service, photo, 
         return client.wait(service, retry["id"], timeout=120)["state"] == "done"
 
     _until(restored, timeout=180, every=2)
+
+
+def test_adaptbir_ray_serve_says_two_lines_and_stops_on_sigterm(micro_engines, tmp_path):
+    """The command itself, on a cluster of its own: its terminal holds its two lines, Ray's and Ray Serve's
+    own output is in --log, the page and /healthz answer, SIGTERM stops it with exit 0."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "adaptbir.serve.cli", "serve", "--engines", str(micro_engines), "--port",
+               str(port), "--address", "local", "--log", str(log)]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _until(lambda: server.poll() is not None or _answers(url + "/healthz"), timeout=120, every=0.5)
+        status, page, headers = _get(url + "/")
+        assert status == 200 and b'id="file"' in page and "default-src 'self'" in headers["content-security-policy"]
+        server.send_signal(signal.SIGTERM)
+        stdout, stderr = server.communicate(timeout=120)
+    finally:
+        server.kill()
+    assert server.returncode == 0, stderr
+    assert stderr.splitlines() == [f"adaptbir-ray: serving {micro_engines} on {url} (Ray's log: {log}; Ctrl-C stops)",
+                                   "adaptbir-ray: stopping the service"], stderr
+    assert stdout == "" and "Application 'adaptbir' is ready" in log.read_text()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return _get(url)[0] == 200
+    except OSError:
+        return False
