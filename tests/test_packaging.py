@@ -55,4 +55,5 @@ def test_building_the_package_warns_about_nothing_in_its_metadata(tmp_path):
     assert not warnings, warnings
     wheel = next(tmp_path.glob("adaptbir-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert {"adaptbir/export/presets/tiny.json", "adaptbir/runtime/manifest.schema.json"} <= set(names)
+    page = {f"adaptbir/serve/page/{name}" for name in ("index.html", "page.css", "page.js")}  # the service's
+    assert {"adaptbir/export/presets/tiny.json", "adaptbir/runtime/manifest.schema.json", *page} <= set(names)
