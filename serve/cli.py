@@ -76,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(POST /jobs answers 503 with Retry-After beyond)")
     v.add_argument("--result-ttl", type=float, default=3600.0, help="seconds a job's result and status are kept "
                    "after it ended (then: expired)")
+    v.add_argument("--max-event-streams", type=int, default=128, help="job event streams open at once (503 "
+                   "beyond: clients then poll GET /jobs/ID; the ingress holds 256 connections in all)")
     v.add_argument("--log", type=Path, default=Path.home() / ".cache" / "adaptbir" / "adaptbir-ray-serve.log",
                    help="where Ray's own output goes (appended); the terminal keeps this command's lines and errors")
     v.add_argument("--max-result-bytes", type=bytes_argument, default="1G", help="bytes of job results kept at once "
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check_serve_arguments(args: argparse.Namespace) -> None:
     """Each of `serve`'s numbers within its range (ArgumentError: a usage error)."""
     for name in ("replicas", "threads", "max_ongoing_requests", "max_queued_requests", "max_pixels", "max_steps",
-                 "max_jobs"):
+                 "max_jobs", "max_event_streams"):
         if getattr(args, name) < 1:
             raise ArgumentError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     for name in ("read_timeout", "body_timeout", "request_timeout", "result_ttl"):
@@ -115,28 +117,31 @@ def _serve(args: argparse.Namespace) -> int:
     from adaptbir.runtime.manifest import load_manifest
 
     from .batch import ray_output_to
-    from .service import Limits, start
+    from .service import Limits, connect, start
 
     _check_serve_arguments(args)
     limits = Limits(max_bytes=args.max_bytes, max_pixels=args.max_pixels, max_steps=args.max_steps,
                     read_timeout=args.read_timeout, body_timeout=args.body_timeout,
                     request_timeout=args.request_timeout, max_buffered=args.max_buffered, max_jobs=args.max_jobs,
-                    result_ttl=args.result_ttl, max_result_bytes=args.max_result_bytes)
+                    result_ttl=args.result_ttl, max_result_bytes=args.max_result_bytes,
+                    max_event_streams=args.max_event_streams)
     # A bad directory is one line here, not a replica crash loop (shipping hashes every file itself).
     load_manifest(args.engines, verify=not args.ship_engines)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     stop = threading.Event()
     with ray_output_to(args.log) as routed, contextlib.redirect_stdout(routed.sink):  # Ray's notices: stdout
+        connect(args.address)
+        for number in STOP_SIGNALS:  # after ray.init, which replaced SIGTERM's handler, and before the service
+            signal.signal(number, lambda signum, frame: stop.set())  # answers: a signal then stops it whole
         start(args.engines, host=args.host, port=args.port, replicas=args.replicas, threads=args.threads,
               max_ongoing_requests=args.max_ongoing_requests, max_queued_requests=args.max_queued_requests,
               limits=limits, address=args.address, ship_engines=args.ship_engines, engine_cache=args.engine_cache)
         serve_logger = logging.getLogger("ray.serve")  # configured by serve.start: into the log as well
         serve_logger.handlers, serve_logger.propagate = [routed], False
-        for number in STOP_SIGNALS:  # after ray.init, which replaced SIGTERM's handler; a second one: no matter
-            signal.signal(number, lambda signum, frame: stop.set())
-        say(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ray's log: {args.log}; "
-            "Ctrl-C stops)")
-        stop.wait()
+        if not stop.is_set():
+            say(f"adaptbir-ray: serving {args.engines} on http://{args.host}:{args.port} (Ray's log: {args.log}; "
+                "Ctrl-C stops)")
+            stop.wait()
         say("adaptbir-ray: stopping the service")
         serve.shutdown()
         ray.shutdown()  # here: its last notices (the controller's shutdown task) still go to the log

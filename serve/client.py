@@ -114,8 +114,9 @@ def events(url: str, job_id: str, timeout: float = 60) -> Iterator[dict[str, Any
 def wait(url: str, job_id: str, progress: Callable[[dict[str, Any]], None] | None = None,
          timeout: float | None = None, poll: float = 1.0) -> dict[str, Any]:
     """The job's final status, once it has ended. `progress(status)` is called at each change (raise from it
-    to stop waiting: the job goes on unless cancelled). When the event stream breaks, the status is asked
-    every `poll` seconds until the stream can be followed again. `timeout`: seconds in all (TimeoutError)."""
+    to stop waiting: the job goes on unless cancelled). When the event stream breaks or is refused (503: the
+    service's streams are all taken), the status is asked every `poll` seconds until the stream can be
+    followed again. `timeout`: seconds in all (TimeoutError)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         try:
@@ -124,8 +125,9 @@ def wait(url: str, job_id: str, progress: Callable[[dict[str, Any]], None] | Non
                     progress(event)
                 if event["state"] in FINAL:
                     return event
-        except (OSError, ValueError):  # the stream broke (a proxy, a restart): ask, then follow again
-            pass
+        except (OSError, ValueError, ServiceError) as err:  # the stream broke, or the service has too many
+            if isinstance(err, ServiceError) and err.status != 503:  # open (503): ask, then follow again
+                raise
         current = status(url, job_id)
         if current["state"] in FINAL:
             if progress is not None:

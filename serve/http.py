@@ -88,9 +88,11 @@ class EventStream:
     cutting the stream), or (version, None) to end. Each write must be taken within `write_timeout` (a client
     that stops reading is cut off); a client that disconnects ends the stream at once."""
 
-    def __init__(self, next_event: Callable[[int], Awaitable[tuple[int, dict | None] | None]], write_timeout: float):
+    def __init__(self, next_event: Callable[[int], Awaitable[tuple[int, dict | None] | None]], write_timeout: float,
+                 closed: Callable[[], None] = lambda: None):
         self.next_event = next_event
         self.write_timeout = write_timeout
+        self.closed = closed  # called once the stream has ended, however it ended
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         gone = asyncio.ensure_future(disconnected(receive))
@@ -116,6 +118,7 @@ class EventStream:
             await self._write(send, {"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             gone.cancel()
+            self.closed()
 
     async def _body(self, send: Any, data: bytes) -> None:
         await self._write(send, {"type": "http.response.body", "body": data, "more_body": True})

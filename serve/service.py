@@ -51,7 +51,7 @@ from .jobs import FINAL, Job, JobBoard, JobLimits
 from .shipping import ship
 from .worker import MEDIA_TYPES, Reply, RestoreWorker, upload_file
 
-__all__ = ["Limits", "RestoreService", "RestoreWorker", "start"]
+__all__ = ["Limits", "RestoreService", "RestoreWorker", "connect", "start"]
 
 log = logging.getLogger("ray.serve")
 PAGE = Path(__file__).with_name("page")
@@ -95,6 +95,7 @@ class Limits:
     max_jobs: int = 64  # jobs accepted and not ended (503 beyond)
     result_ttl: float = 3600.0  # seconds a job's result and status are kept after it ended
     max_result_bytes: int = 2**30  # results kept at once (the oldest expire early beyond)
+    max_event_streams: int = 128  # event streams open at once (503 beyond): connections stay for uploads
 
     @property
     def buffered(self) -> int:
@@ -144,6 +145,7 @@ class RestoreService:
         self.board = JobBoard(self.limits.jobs(), release=self.budget.give)
         self.engine = await worker.describe.remote()  # once: /info never waits for a restore slot
         self.restores: dict[str, dict[str, int]] = {}  # worker replica → its counts at its latest answer
+        self.streams = 0  # event streams open
         self.page = {path: (PAGE / name).read_bytes() for path, (name, _) in STATIC.items()}
         loop = asyncio.get_running_loop()  # one dispatcher per worker slot: Ray Serve places each job
         self.tasks = [loop.create_task(self._dispatch()) for _ in range(dispatchers)]
@@ -327,6 +329,9 @@ class RestoreService:
 
     async def _job_events(self, request: Request, job_id: str) -> EventStream:
         job = self.board.get(job_id)
+        if self.streams >= self.limits.max_event_streams:
+            raise Rejected(503, f"{self.streams} event streams are open, this service's limit: follow GET "
+                           f"/jobs/{job.id} instead, or retry later", {"Retry-After": "5"})
 
         async def next_event(previous: int) -> tuple[int, dict | None] | None:
             if previous == job.version and job.state in FINAL:
@@ -335,7 +340,11 @@ class RestoreService:
                 return None
             return job.version, self.board.status(job)
 
-        return EventStream(next_event, self.limits.body_timeout)
+        self.streams += 1
+        return EventStream(next_event, self.limits.body_timeout, closed=self._stream_closed)
+
+    def _stream_closed(self) -> None:
+        self.streams -= 1
 
     async def _job_result(self, request: Request, job_id: str) -> Response:
         job = self.board.get(job_id)
@@ -401,6 +410,16 @@ async def _resolve(call: Any) -> Reply:
     return await call
 
 
+def connect(address: str | None) -> None:
+    """Join the cluster at `address` (None: Ray's default), once per process. `ray.init` replaces SIGTERM's
+    handler with one that exits at once — even when it has nothing to do — so it is called only once: a command
+    installs its own handler after this call, and no later call replaces it."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
 def start(engines: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1, threads: int = 1,
           max_ongoing_requests: int = 1, max_queued_requests: int = 8, limits: Limits | None = None,
           address: str | None = None, ship_engines: bool = False, engine_cache: Path | None = None) -> None:
@@ -408,7 +427,7 @@ def start(engines: str | Path, *, host: str = "127.0.0.1", port: int = 8000, rep
     `ship_engines`: carry the directory to each replica's node through the object store (see shipping)."""
     import ray
 
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True, log_to_driver=False)
+    connect(address)
     serve.start(proxy_location="Disabled")  # the ingress serves HTTP itself (see http.serve_http)
     worker = RestoreWorker.options(
         num_replicas=replicas, max_ongoing_requests=max_ongoing_requests, max_queued_requests=max_queued_requests,

@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -29,7 +30,7 @@ from adaptbir.serve import client
 
 pytestmark = [pytest.mark.ray, pytest.mark.filterwarnings("ignore:Using extra keyword arguments on `Field`")]
 
-MAX_JOBS, TTL = 4, 6.0
+MAX_JOBS, TTL, STREAMS = 4, 6.0, 3
 LONG = {"steps": 200, "score": 50, "seed": 1}  # about 7 s on one micro slot here
 SCREENSHOT = os.environ.get("ADAPTBIR_PAGE_SCREENSHOT")  # also save the finished page there (docs/page.png)
 
@@ -37,10 +38,10 @@ SCREENSHOT = os.environ.get("ADAPTBIR_PAGE_SCREENSHOT")  # also save the finishe
 @pytest.fixture(scope="module")
 def service(micro_engines, tmp_path_factory, loopback_service):
     """One worker replica restoring one image at a time, 4 queued requests, at most 4 unfinished jobs,
-    results kept 6 s."""
+    results kept 6 s, 3 event streams at once."""
     from adaptbir.serve.service import Limits
 
-    limits = Limits(max_bytes=2**22, max_steps=200, max_jobs=MAX_JOBS, result_ttl=TTL)
+    limits = Limits(max_bytes=2**22, max_steps=200, max_jobs=MAX_JOBS, result_ttl=TTL, max_event_streams=STREAMS)
     with loopback_service(micro_engines, tmp_path_factory.mktemp("node-cache"), max_ongoing_requests=1,
                           max_queued_requests=4, limits=limits) as (url, _):
         yield url
@@ -166,6 +167,32 @@ def test_accepted_jobs_are_bounded(service, photo):
             client.cancel(service, job["id"])
     again = client.submit(service, photo, seed=0, steps=2, score=50)
     assert client.wait(service, again["id"], timeout=60)["state"] == "done"
+
+
+def test_event_streams_are_bounded_and_the_client_falls_back_to_polling(service, photo):
+    """With 3 event streams open a fourth is refused (503, Retry-After) while every other request is answered;
+    `client.wait` then follows the job by its status; a closed stream frees its place."""
+    job = client.submit(service, photo, **LONG)
+    _running(service, job["id"])
+    streams = [urllib.request.urlopen(f"{service}/jobs/{job['id']}/events", timeout=30) for _ in range(STREAMS)]
+    try:
+        for stream in streams:
+            assert stream.readline().startswith(b"id: ")  # each is open and has its first event
+        status, body, headers = _get(f"{service}/jobs/{job['id']}/events")
+        assert status == 503 and headers["retry-after"] == "5" and b"event streams" in body, body
+        assert _get(f"{service}/healthz")[0] == 200 and client.status(service, job["id"])["state"] == "running"
+        seen = []
+        waiting = threading.Thread(target=lambda: seen.append(client.wait(service, job["id"], poll=0.2)))
+        waiting.start()
+        client.cancel(service, job["id"])
+        waiting.join(timeout=30)
+        assert seen and seen[0]["state"] == "cancelled"  # by polling: no stream was free
+    finally:
+        for stream in streams:
+            stream.close()
+    again = client.submit(service, photo, seed=0, steps=2, score=50)
+    assert _until(lambda: _get(f"{service}/jobs/{again['id']}/events")[0] == 200, timeout=10)  # places free again
+    client.wait(service, again["id"], timeout=60)
 
 
 def test_unknown_and_malformed_ids_and_bad_submissions(service, photo):
@@ -338,7 +365,9 @@ def test_adaptbir_ray_serve_says_two_lines_and_stops_on_sigterm(micro_engines, t
     server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"
-        _until(lambda: server.poll() is not None or _answers(url + "/healthz"), timeout=120, every=0.5)
+        said = server.stderr.readline()  # once it says so, it serves (and a signal stops it whole)
+        assert said == f"adaptbir-ray: serving {micro_engines} on {url} (Ray's log: {log}; Ctrl-C stops)\n", said
+        assert _answers(url + "/healthz")
         status, page, headers = _get(url + "/")
         assert status == 200 and b'id="file"' in page and "default-src 'self'" in headers["content-security-policy"]
         server.send_signal(signal.SIGTERM)
@@ -346,8 +375,7 @@ def test_adaptbir_ray_serve_says_two_lines_and_stops_on_sigterm(micro_engines, t
     finally:
         server.kill()
     assert server.returncode == 0, stderr
-    assert stderr.splitlines() == [f"adaptbir-ray: serving {micro_engines} on {url} (Ray's log: {log}; Ctrl-C stops)",
-                                   "adaptbir-ray: stopping the service"], stderr
+    assert stderr.splitlines() == ["adaptbir-ray: stopping the service"], stderr
     assert stdout == "" and "Application 'adaptbir' is ready" in log.read_text()
 
 
