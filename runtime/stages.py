@@ -104,8 +104,8 @@ class Stages:
         need = musiq_call_bytes(self.manifest, self.engines.backend, tokens, padded)
         available = available_bytes()
         if available is not None and need > available:
-            raise InputError(f"MUSIQ on this image needs about {need / GiB:.1f} GiB ({tokens} tokens; attention "
-                             f"grows with their square), {available / GiB:.1f} GiB are available; give the score "
+            raise InputError(f"MUSIQ on this image needs about {need / GiB:.1f} GiB ({tokens} tokens; the memory "
+                             f"grows with their count), {available / GiB:.1f} GiB are available; give the score "
                              "(--score S) or downscale the input")
 
     def decide(self, score: float, k: float | None = None, w: float | None = None) -> Gate:
