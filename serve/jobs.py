@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import heapq
 import re
 import secrets
 import statistics
@@ -96,8 +97,9 @@ class JobBoard:
     """Accepted jobs, in order; each job's state, progress, gate values, error and result."""
 
     def __init__(self, limits: JobLimits, release: Callable[[int], None] = lambda size: None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, slots: int = 1):
         self.limits = limits
+        self.slots = slots  # jobs restored at once (the dispatchers): a queued job's ETA
         self.release = release  # gives an upload's bytes back to the ingress's budget
         self.clock = clock
         self.jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()  # by acceptance
@@ -281,7 +283,10 @@ class JobBoard:
 
     def eta(self, job: Job) -> float | None:
         """Seconds left of a running job: its remaining steps at its own mean step time (before its first
-        step, the latest finished job's), plus a decode as long as the latest one, in steps."""
+        step, the latest finished job's), plus a decode as long as the latest one, in steps. A queued job's:
+        `_queued_eta`. None while nothing has been measured."""
+        if job.state == "queued":
+            return self._queued_eta(job)
         step_s = statistics.fmean(job.step_times) if job.step_times else self.step_s
         if job.state != "running" or step_s is None:
             return None
@@ -289,6 +294,20 @@ class JobBoard:
         if job.stage == "decode" and job.decode_started is not None:
             return max(0.0, decode - (self.clock() - job.decode_started))
         return (self._steps(job) - job.step) * step_s + decode
+
+    def _queued_eta(self, job: Job) -> float | None:
+        """When the slots free (the running jobs' ETAs), the jobs ahead of it each take the first free one for
+        as long as the latest job took; it starts on the next and takes as long."""
+        position = self.position(job)
+        if self.job_s is None or position is None:
+            return None
+        free = [eta if (eta := self.eta(other)) is not None else self.job_s
+                for other in self.jobs.values() if other.state == "running"]
+        free += [0.0] * max(0, self.slots - len(free))
+        heapq.heapify(free)
+        for _ in range(position):
+            heapq.heapreplace(free, free[0] + self.job_s)
+        return free[0] + self.job_s
 
     @staticmethod
     def _steps(job: Job) -> int:

@@ -142,7 +142,7 @@ class RestoreService:
         self.worker = worker
         self.limits = Limits(**limits)
         self.budget = Budget(self.limits.buffered)
-        self.board = JobBoard(self.limits.jobs(), release=self.budget.give)
+        self.board = JobBoard(self.limits.jobs(), release=self.budget.give, slots=dispatchers)
         self.engine = await worker.describe.remote()  # once: /info never waits for a restore slot
         self.restores: dict[str, dict[str, int]] = {}  # worker replica → its counts at its latest answer
         self.streams = 0  # event streams open

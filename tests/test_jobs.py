@@ -190,3 +190,23 @@ def test_the_eta_counts_a_decode_as_long_as_the_latest_one():
     board.update(second, {"stage": "decode", "tiles": 1})
     clock.now += 0.2
     assert board.eta(second) == pytest.approx(0.3)
+
+
+def test_a_queued_job_is_expected_when_the_jobs_ahead_of_it_leave_it_a_slot():
+    """Two slots, the latest job took 1.5 s: with one job running (0.7 s left) and one free slot, the first
+    queued job starts at once (ETA 1.5 s), the second when the running one ends (0.7 + 1.5), the third after
+    the first queued one (1.5 + 1.5)."""
+    board, clock, _ = _board()
+    board.slots = 2
+    first = board.accept(OPTIONS, "png", b"x")
+    assert board.eta(first) is None  # nothing measured yet
+    _run(board, first, steps=10)
+    clock.now += 1.0
+    board.update(first, {"stage": "decode", "tiles": 1})
+    clock.now += 0.5
+    board.finish(first, Reply(200, b"x"), 1)
+    running = board.accept(OPTIONS, "png", b"x")
+    queued = [board.accept(OPTIONS, "png", b"x") for _ in range(3)]
+    _run(board, running, steps=8)  # 0.7 s left (see the test above)
+    assert [board.eta(j) for j in queued] == pytest.approx([1.5, 0.7 + 1.5, 3.0])
+    assert board.status(queued[1])["eta_s"] == 2.2
