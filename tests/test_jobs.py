@@ -171,16 +171,22 @@ def test_a_change_wakes_a_waiting_event_stream():
     assert asyncio.run(scenario()) == (False, True)
 
 
-def test_the_eta_counts_a_decode_as_long_as_the_latest_one():
-    """Job 1 decodes for 0.5 s of the board's clock at 0.1 s a step (5 steps' worth): job 2, at step 8 of 10,
-    has 2 steps and such a decode left; with nothing running, Retry-After is the latest job's whole time."""
-    board, clock, _ = _board(max_jobs=1)
-    first = board.accept(OPTIONS, "png", b"x")
-    _run(board, first, steps=10)
+def _measured(board: JobBoard, clock: Clock) -> None:
+    """One job done: 10 steps at 0.1 s, 1 s of the board's clock until its decode, a decode of 0.5 s (5 steps'
+    worth): 1.5 s in all."""
+    job = board.accept(OPTIONS, "png", b"x")
+    _run(board, job, steps=10)
     clock.now += 1.0
-    board.update(first, {"stage": "decode", "tiles": 1})
+    board.update(job, {"stage": "decode", "tiles": 1})
     clock.now += 0.5
-    board.finish(first, Reply(200, b"x"), 1)
+    board.finish(job, Reply(200, b"x"), 1)
+
+
+def test_the_eta_counts_a_decode_as_long_as_the_latest_one():
+    """After `_measured`, job 2 at step 8 of 10 has 2 steps and a 5-step decode left; with nothing running,
+    Retry-After is the latest job's whole time."""
+    board, clock, _ = _board(max_jobs=1)
+    _measured(board, clock)
     second = board.accept(OPTIONS, "png", b"x")
     with pytest.raises(Rejected) as full:
         board.check_room()
@@ -198,13 +204,9 @@ def test_a_queued_job_is_expected_when_the_jobs_ahead_of_it_leave_it_a_slot():
     the first queued one (1.5 + 1.5)."""
     board, clock, _ = _board()
     board.slots = 2
-    first = board.accept(OPTIONS, "png", b"x")
-    assert board.eta(first) is None  # nothing measured yet
-    _run(board, first, steps=10)
-    clock.now += 1.0
-    board.update(first, {"stage": "decode", "tiles": 1})
-    clock.now += 0.5
-    board.finish(first, Reply(200, b"x"), 1)
+    assert board.eta(board.accept(OPTIONS, "png", b"x")) is None  # nothing measured yet
+    board.cancel(next(iter(board.jobs.values())))
+    _measured(board, clock)
     running = board.accept(OPTIONS, "png", b"x")
     queued = [board.accept(OPTIONS, "png", b"x") for _ in range(3)]
     _run(board, running, steps=8)  # 0.7 s left (see the test above)
