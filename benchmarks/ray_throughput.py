@@ -6,7 +6,7 @@ Side by side in one run, on generated photos: the local CLI (one process, all th
 1 actor × all threads and with N actors × 1 thread (cores not oversubscribed), each a fresh command (the
 Ray rows include starting a local cluster, reported apart from the per-image rate); then the service
 under a fixed concurrent load, the same requests as POST /restore and as jobs (submit, follow the events,
-fetch the result), one after the other on one service: p50/p95 latency, and for jobs the time to the 202,
+fetch the result), interleaved on one service: p50/p95 latency, and for jobs the time to the 202,
 the events' lag behind the worker's clock (one machine: one clock) and the time from the done event to the
 result. Medians over `--runs`. Results: a table and a JSON file (`--parts service` for the service alone).
 """
@@ -94,10 +94,11 @@ def service(args) -> dict:
     photo, url = buffer.getvalue(), f"http://127.0.0.1:{port}"
     _restore_once(url, photo, 0, args.steps)  # warm-up, both paths
     _job_once(url, photo, 0, args.steps)
-    rows = {}
-    for name, call in (("POST /restore", _restore_once), ("jobs", _job_once)):
-        with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
-            rows[name] = list(pool.map(lambda i, call=call: call(url, photo, i, args.steps), range(args.requests)))
+    calls = {"POST /restore": _restore_once, "jobs": _job_once}
+    order = [(name, i) for i in range(args.requests) for name in calls]  # interleaved: the same conditions
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        measured = list(pool.map(lambda task: calls[task[0]](url, photo, task[1], args.steps), order))
+    rows = {name: [m for (kind, _), m in zip(order, measured, strict=True) if kind == name] for name in calls}
     serve.shutdown()
     ray.shutdown()
     report = {"requests": args.requests, "concurrency": args.concurrency, "replicas": replicas}
