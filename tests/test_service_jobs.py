@@ -258,6 +258,20 @@ def test_a_stopped_submit_cancels_its_jobs_at_the_service(service, photos, tmp_p
     assert not (tmp_path / "out" / "photo0.png").exists()
 
 
+# A file dropped on the drop zone as a person's drag would (Selenium cannot drag a file from the desktop):
+# the image at URL (arguments[0]) in a DataTransfer, dispatched as a drop event.
+DROP = """
+const [url, done] = arguments;
+fetch(url).then((answer) => answer.blob()).then((blob) => {
+  const transfer = new DataTransfer();
+  transfer.items.add(new File([blob], "dropped.png", {type: "image/png"}));
+  document.getElementById("drop").dispatchEvent(
+    new DragEvent("drop", {dataTransfer: transfer, bubbles: true, cancelable: true}));
+  done();
+});
+"""
+
+
 def _browser():
     """Debian's Chromium, headless, driven by its own ChromeDriver (`make browser` installs both)."""
     from selenium import webdriver
@@ -276,6 +290,8 @@ def _browser():
 
 
 def test_the_page_restores_a_photo_in_a_browser_and_cancels_another(service, tmp_path):
+    """A photo chosen, restored and shown with its slider; its result dropped on the page as a second photo and
+    cancelled while running; a file that is not an image refused in words."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -315,7 +331,7 @@ def test_the_page_restores_a_photo_in_a_browser_and_cancels_another(service, tmp
 
         element(By.ID, "steps").clear()
         element(By.ID, "steps").send_keys("200")
-        element(By.ID, "file").send_keys(str(tmp_path / "photo.png"))
+        browser.execute_async_script(DROP, element(By.ID, "download").get_attribute("href"))  # the result, dropped
         WebDriverWait(browser, 60, poll_frequency=0.05).until(
             lambda _: state() == "running" and float(element(By.ID, "progress").get_attribute("value")) > 0)
         element(By.ID, "cancel").click()
