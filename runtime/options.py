@@ -123,7 +123,11 @@ class RestoreOptions:
     @classmethod
     def from_query(cls, query: str) -> RestoreOptions:
         """From an HTTP query string: only `QUERY_FIELDS`, each at most once and of its type."""
-        pairs = parse_qsl(query, keep_blank_values=True)
+        return cls.from_pairs(parse_qsl(query, keep_blank_values=True))
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, str]]) -> RestoreOptions:
+        """From a parsed query's (name, value) pairs (`from_query`; the service first takes its own out)."""
         names = [name for name, _ in pairs]
         unknown = sorted(set(names) - set(QUERY_FIELDS))
         if unknown:

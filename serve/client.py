@@ -64,6 +64,11 @@ def _image_info(headers: dict[str, str]) -> dict[str, Any]:
     return {**info, "timings": json.loads(info.get("timings", "{}"))}
 
 
+def info(url: str, timeout: float = 30) -> dict[str, Any]:
+    """GET /info: the engines (engine_id, backend, precision, ...), the limits, restores and jobs counts."""
+    return json.loads(_call(url, "/info", timeout=timeout)[0])
+
+
 def restore(url: str, image: bytes, timeout: float = 600, **parameters: float | int | str) -> tuple[bytes, dict]:
     """POST the image; returns the restored image's bytes (PNG unless format="jpeg"/"webp") and the result
     (score, class, k, w, seed, steps, tiled, timings). Raises ServiceError with the HTTP status: 400 not a

@@ -58,15 +58,12 @@ class Job:
     seq: int
     created: float = field(default_factory=time.monotonic)
     state: str = "queued"
-    dispatched: bool = False
     stage: str | None = None
     tiles: int = 1
-    step: int = 0
-    steps: int = 0
+    step: int = 0  # of options.steps
     gate: dict[str, Any] = field(default_factory=dict)  # score, score_source, class, k, w, seed
     error: str | None = None
     result: Any = None  # the worker's Reply once done
-    result_bytes: int = 0
     started: float | None = None  # the board's clock, as created and ended
     ended: float | None = None
     changed_at: float = field(default_factory=time.time)  # wall clock of the latest change (the worker's)
@@ -75,6 +72,10 @@ class Job:
     version: int = 0
     stop: Callable[[], None] | None = None  # cancels its running restore (set by the dispatcher)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def result_bytes(self) -> int:
+        return len(self.result.body) if self.result is not None else 0
 
     def touch(self, at: float | None = None) -> None:
         self.version += 1
@@ -152,7 +153,6 @@ class JobBoard:
             while self.waiting:
                 job = self.waiting.popleft()
                 if job.state == "queued":
-                    job.dispatched = True
                     return job
             self.arrived.clear()
             await self.arrived.wait()
@@ -160,7 +160,7 @@ class JobBoard:
     def requeue(self, job: Job) -> None:
         """Back to the head of the queue (the workers' own queue was full)."""
         if job.state == "queued":
-            job.dispatched, job.stop = False, None
+            job.stop = None
             self.waiting.appendleft(job)
             self.arrived.set()
 
@@ -190,16 +190,17 @@ class JobBoard:
             job.gate = dict(event["gate"])
         if "step" in event:  # since the previous step, or since sampling began
             job.step_times.append(at - job.changed_at)
-            job.step, job.steps = int(event["step"]), int(event["steps"])
+            job.step = int(event["step"])
         job.touch(at)
 
-    def finish(self, job: Job, reply: Any, size: int) -> None:
+    def finish(self, job: Job, reply: Any) -> None:
         """The restore ended with `reply` (a Reply): done with its result, or failed with its message."""
         if job.state in FINAL:
             return
         if reply.status != 200:
             self.fail(job, reply.body.decode(errors="replace").strip())
             return
+        size = len(reply.body)
         if size > self.limits.max_result_bytes:
             self.fail(job, f"the result ({size} bytes) is above this service's result store "
                       f"({self.limits.max_result_bytes} bytes)")
@@ -210,7 +211,7 @@ class JobBoard:
             self.step_s = statistics.fmean(job.step_times)
         if job.started is not None:
             self.job_s = self.clock() - job.started
-        job.result, job.result_bytes = reply, size
+        job.result = reply
         self.result_bytes += size
         self._end(job, "done")
         self._bound_results()
@@ -274,7 +275,7 @@ class JobBoard:
     def _expire(self, job: Job, why: str) -> None:
         ended_as = job.state
         self.result_bytes -= job.result_bytes
-        job.result, job.result_bytes = None, 0
+        job.result = None
         job.state = "expired"
         job.error = f"{why} (it ended {ended_as}{': ' + job.error if job.error else ''})"
         job.touch()
@@ -311,14 +312,14 @@ class JobBoard:
 
     @staticmethod
     def _steps(job: Job) -> int:
-        return job.steps or job.options.steps or 0
+        return job.options.steps or 0  # the service fills them in from the engines' schedule
 
-    def status(self, job: Job, base: str = "") -> dict[str, Any]:
+    def status(self, job: Job) -> dict[str, Any]:
         """What GET /jobs/{id} answers and each event says."""
         ended = job.ended if job.ended is not None else self.clock()
         eta = self.eta(job)
         expires = (job.ended + self.limits.result_ttl - self.clock()) if job.state in ENDED and job.ended else None
-        url = f"{base}/jobs/{job.id}"
+        url = f"/jobs/{job.id}"
         return {
             "id": job.id, "state": job.state, "position": self.position(job), "stage": job.stage,
             "tiles": job.tiles, "step": job.step, "steps": self._steps(job), "elapsed_s": round(ended - job.created, 3),

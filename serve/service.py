@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -212,7 +212,7 @@ class RestoreService:
         return options, fmt, body
 
     def _parameters(self, query: bytes) -> tuple[RestoreOptions, str]:
-        """The restore options from the query (`RestoreOptions.from_query`: known names, each once, of its
+        """The restore options from the query (`RestoreOptions.from_pairs`: known names, each once, of its
         type, within the runtime's ranges), on the engines' schedule, within this service's step limit; and
         the output format (`format`, png by default)."""
         pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
@@ -220,9 +220,8 @@ class RestoreService:
         if len(formats) > 1 or (formats and formats[0] not in MEDIA_TYPES):
             raise Rejected(422, f"format={formats[0][:20]!r}: one of {', '.join(MEDIA_TYPES)}, given once")
         fmt = formats[0] if formats else "png"
-        text = urlencode([(name, value) for name, value in pairs if name != "format"])
         try:
-            options = RestoreOptions.from_query(text)
+            options = RestoreOptions.from_pairs([(name, value) for name, value in pairs if name != "format"])
             options = options.for_schedule(self.engine["default_steps"], self.engine["max_steps"])
         except ArgumentError as err:
             raise Rejected(422, str(err)) from None
@@ -350,11 +349,10 @@ class RestoreService:
         job = self.board.get(job_id)
         if job.state == "done":
             return _image_response(job.result)
-        status = self.board.status(job)
         if job.state == "expired":
             raise Rejected(410, f"the result is gone: {job.error}")
-        progress = {"queued": f"position {status['position']} in the queue",
-                    "running": f"{job.stage or 'starting'}, step {job.step} of {status['steps']}"}
+        progress = {"queued": f"position {self.board.position(job)} in the queue",
+                    "running": f"{job.stage or 'starting'}, step {job.step} of {job.options.steps}"}
         raise Rejected(409, f"the job is {job.state}, not done: " + progress.get(job.state, job.error or ""))
 
     async def _dispatch(self) -> None:
@@ -371,12 +369,13 @@ class RestoreService:
         """One job's restore, streamed from a worker replica into the board; never left running."""
         stream = self.worker.options(stream=True).events.remote(job.body, job.options, job.format)
         job.stop = stream.cancel
-        timeout = self.limits.request_timeout
+        timeout, requeued = self.limits.request_timeout, False
         try:
             await asyncio.wait_for(self._follow(job, stream), timeout)
         except BackPressureError as err:  # /restore requests hold every place: wait, then try again
             stream.cancel()
             self.board.requeue(job)
+            requeued = True
             await asyncio.sleep(err.retry_after_s or 1.0)
         except TimeoutError:
             stream.cancel()
@@ -388,14 +387,14 @@ class RestoreService:
             if job.state != "cancelled":  # else: the stream ended because the client cancelled the job
                 raise
         finally:
-            if job.state not in FINAL and not (job.state == "queued" and not job.dispatched):
+            if job.state not in FINAL and not requeued:
                 self.board.fail(job, "its restore ended without a result")
 
     async def _follow(self, job: Job, stream: Any) -> None:
         async for item in stream:
             if isinstance(item, Reply):
                 self._note(item)
-                self.board.finish(job, item, len(item.body))
+                self.board.finish(job, item)
             else:
                 self.board.update(job, item)
 

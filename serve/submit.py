@@ -99,11 +99,10 @@ def submit_command(args: argparse.Namespace) -> int:
 def _engine(url: str) -> dict[str, Any]:
     """The service's engines as a report record names them (GET /info); a usage error when unreachable."""
     try:
-        body, _ = client._call(url, "/info", timeout=30)
+        info = client.info(url)
     except (OSError, client.ServiceError) as err:
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
         raise ArgumentError(f"--url {url}: no adaptbir-ray service answers there ({reason})") from None
-    info = json.loads(body)
     return {key: info.get(key) for key in ("engines", "engine_id", "backend", "precision", "compute_precision",
                                            "runtime")}
 

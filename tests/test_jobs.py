@@ -60,7 +60,7 @@ def test_a_job_moves_forward_and_says_where_it_is():
     assert status["seed"] == str(2**62 + 1)  # a string: JavaScript's numbers hold 53 bits
     assert released == [5]  # the upload went back to the budget once a worker had it
     assert status["eta_s"] == pytest.approx(6 * 0.1, abs=0.05)  # 6 steps left at 0.1 s
-    board.finish(job, Reply(200, b"image"), 5)
+    board.finish(job, Reply(200, b"image"))
     assert board.status(job)["state"] == "done" and board.counts()["result_bytes"] == 5
     board.update(job, {"step": 9, "steps": 10})  # a late event of an ended job changes nothing
     board.cancel(job)
@@ -70,7 +70,7 @@ def test_a_job_moves_forward_and_says_where_it_is():
 def test_failures_are_said_in_one_line_and_a_failed_job_frees_its_upload():
     board, _, released = _board()
     job = board.accept(OPTIONS, "png", b"123")
-    board.finish(job, Reply(400, b"upload: not an image\n"), 22)
+    board.finish(job, Reply(400, b"upload: not an image\n"))
     assert (job.state, job.error, released) == ("failed", "upload: not an image", [3])
     other = board.accept(OPTIONS, "png", b"1234")
     board.fail(other, "the restoring replica stopped")
@@ -116,7 +116,7 @@ def test_accepted_jobs_are_bounded_with_a_retry_after():
     with pytest.raises(Rejected) as full:
         board.check_room()
     assert full.value.headers["Retry-After"] == "1"
-    board.finish(first, Reply(200, b"x"), 1)
+    board.finish(first, Reply(200, b"x"))
     assert board.accept(OPTIONS, "png", b"x").state == "queued"  # room again
     assert second.state == "queued"
 
@@ -125,7 +125,7 @@ def test_results_expire_after_their_ttl_and_old_records_are_forgotten():
     board, clock, _ = _board(result_ttl=60, max_records=2)
     jobs = [board.accept(OPTIONS, "png", b"x") for _ in range(3)]
     for job in jobs:
-        board.finish(job, Reply(200, b"12"), 2)
+        board.finish(job, Reply(200, b"12"))
     clock.now += 59
     assert board.get(jobs[0].id).state == "done" and board.status(jobs[0])["expires_in_s"] == 1
     clock.now += 1
@@ -140,10 +140,10 @@ def test_result_bytes_are_bounded_the_oldest_expiring_first():
     board, _, _ = _board(max_result_bytes=10)
     jobs = [board.accept(OPTIONS, "png", b"x") for _ in range(4)]
     for job in jobs[:3]:
-        board.finish(job, Reply(200, b"1234"), 4)
+        board.finish(job, Reply(200, b"1234"))
     assert [j.state for j in jobs[:3]] == ["expired", "done", "done"] and board.result_bytes == 8
     assert "newer results filled" in jobs[0].error
-    board.finish(jobs[3], Reply(200, b"x" * 11), 11)  # larger than the whole store: failed, nothing evicted
+    board.finish(jobs[3], Reply(200, b"x" * 11))  # larger than the whole store: failed, nothing evicted
     assert jobs[3].state == "failed" and "result store" in jobs[3].error and board.result_bytes == 8
     board.discard(jobs[1])  # DELETE of a done job drops its result
     assert jobs[1].state == "expired" and board.result_bytes == 4 and "deleted by its client" in jobs[1].error
@@ -179,7 +179,7 @@ def _measured(board: JobBoard, clock: Clock) -> None:
     clock.now += 1.0
     board.update(job, {"stage": "decode", "tiles": 1})
     clock.now += 0.5
-    board.finish(job, Reply(200, b"x"), 1)
+    board.finish(job, Reply(200, b"x"))
 
 
 def test_the_eta_counts_a_decode_as_long_as_the_latest_one():
